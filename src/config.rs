@@ -1,0 +1,637 @@
+//! The TOML configuration: schema (serde), parsing and validation.
+//!
+//! Every error names the file, the line and column, and the key it is about, e.g.
+//! `config/x.toml:12:1: clusters[0].balancer: unknown balancer "rr"; expected one of ...`.
+//! Parsing is a pure function of the text, so a bad file never disturbs a running proxy.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A configuration that parsed and passed every check.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (for messages); `<inline>` when built from a string.
+    pub origin: String,
+    pub admin: Option<AdminConfig>,
+    pub listeners: Vec<ListenerConfig>,
+    pub clusters: Vec<ClusterConfig>,
+    /// How long in-flight calls may run on after SIGTERM/SIGINT before the proxy exits anyway.
+    pub drain_timeout: Duration,
+}
+
+/// The admin HTTP server (`/metrics`, `/healthz`, `/ready`).
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+/// One downstream listener.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub tls: Option<TlsConfig>,
+    pub routes: Vec<RouteConfig>,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS announced to each downstream connection.
+    pub max_concurrent_streams: u32,
+}
+
+/// TLS termination for a listener; the files were read and parsed at load time.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+    pub cert_chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    pub private_key: std::sync::Arc<rustls::pki_types::PrivateKeyDer<'static>>,
+    pub client_ca_certs: Vec<rustls::pki_types::CertificateDer<'static>>,
+}
+
+/// One route: which calls it matches and where they go.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub service: Option<String>,
+    pub method: Option<String>,
+    pub cluster: String,
+    pub timeout: Option<Duration>,
+}
+
+/// The balancing algorithms a cluster can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerKind {
+    RoundRobin,
+    JoinShortestQueue,
+    LeastRequest,
+}
+
+impl BalancerKind {
+    /// All names accepted in `balancer = "..."`.
+    pub const NAMES: &'static [&'static str] =
+        &["round_robin", "join_shortest_queue", "least_request"];
+}
+
+/// A named group of interchangeable upstream endpoints.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub name: String,
+    pub balancer: BalancerKind,
+    /// `host:port` as written in the config; also the `endpoint` metric label.
+    pub endpoints: Vec<String>,
+    pub health_check: Option<HealthCheckConfig>,
+    /// Limit for one TCP connect + HTTP/2 handshake to an endpoint.
+    pub connect_timeout: Duration,
+}
+
+/// Active grpc.health.v1 checking of a cluster's endpoints.
+#[derive(Debug, Clone)]
+pub struct HealthCheckConfig {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
+    pub service: String,
+}
+
+/// A configuration error, formatted `file:line:column: key: message`.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based line and column, when the error can be tied to a place in the file.
+    pub position: Option<(usize, usize)>,
+    /// Dotted key path such as `clusters[0].balancer`; empty for whole-file errors.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some((line, col)) = self.position {
+            write!(f, ":{line}:{col}")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1024;
+
+// ---- raw schema, as written in the file ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    admin: Option<RawAdmin>,
+    #[serde(default)]
+    listeners: Vec<RawListener>,
+    #[serde(default)]
+    clusters: Vec<RawCluster>,
+    drain_timeout: Option<Spanned<DurationStr>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: Spanned<String>,
+    listen: Spanned<String>,
+    tls: Option<RawTls>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+    max_concurrent_streams: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Spanned<String>,
+    key: Spanned<String>,
+    client_ca: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    service: Option<Spanned<String>>,
+    method: Option<Spanned<String>>,
+    cluster: Spanned<String>,
+    timeout: Option<Spanned<DurationStr>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    name: Spanned<String>,
+    #[serde(default = "default_balancer")]
+    balancer: BalancerName,
+    endpoints: Spanned<Vec<Spanned<String>>>,
+    health_check: Option<RawHealthCheck>,
+    connect_timeout: Option<Spanned<DurationStr>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    interval: Option<Spanned<DurationStr>>,
+    timeout: Option<Spanned<DurationStr>>,
+    unhealthy_threshold: Option<Spanned<u32>>,
+    healthy_threshold: Option<Spanned<u32>>,
+    #[serde(default)]
+    service: String,
+}
+
+/// A balancer name with an error message that lists the valid names.
+struct BalancerName(BalancerKind);
+
+fn default_balancer() -> BalancerName {
+    BalancerName(BalancerKind::RoundRobin)
+}
+
+impl<'de> Deserialize<'de> for BalancerName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let kind = match s.as_str() {
+            "round_robin" => BalancerKind::RoundRobin,
+            "join_shortest_queue" => BalancerKind::JoinShortestQueue,
+            "least_request" => BalancerKind::LeastRequest,
+            other => {
+                return Err(de::Error::custom(format!(
+                    "unknown balancer \"{other}\"; expected one of {}",
+                    BalancerKind::NAMES.join(", ")
+                )))
+            }
+        };
+        Ok(BalancerName(kind))
+    }
+}
+
+/// A duration written as a string: "250ms", "5s", "1m", "1h".
+struct DurationStr(Duration);
+
+impl<'de> Deserialize<'de> for DurationStr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s).map(DurationStr).map_err(de::Error::custom)
+    }
+}
+
+/// Parses "250ms", "5s", "1.5s", "1m", "2h", "100us". A bare number is rejected: the unit is required.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("invalid duration \"{s}\": missing unit (ms, s, m, h)"))?;
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration \"{s}\": expected a number followed by ms, s, m or h"))?;
+    let secs = match unit {
+        "us" | "µs" => value / 1_000_000.0,
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => {
+            return Err(format!(
+                "invalid duration \"{s}\": unknown unit \"{unit}\" (expected ms, s, m or h)"
+            ))
+        }
+    };
+    if !secs.is_finite() || secs > 1e9 {
+        return Err(format!("invalid duration \"{s}\": out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+// ---- loading ----
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            position: None,
+            key: String::new(),
+            message: format!("cannot read config file: {e}"),
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Self::parse(&text, &file, &base)
+    }
+
+    /// Parses and validates config text. `origin` names it in errors; relative certificate paths are
+    /// resolved against `base_dir`.
+    pub fn parse(text: &str, origin: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        let loc = Locator { text, file: origin };
+        let de = toml::Deserializer::new(text);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            // Spanned<T> shows up in the path as a private field; hide it.
+            let key = e.path().to_string().replace(".$__serde_spanned_private_value", "");
+            let inner = e.into_inner();
+            let mut message = inner.message().to_string();
+            if let Some(rest) = message.strip_prefix("unknown field ") {
+                message = format!("unknown key {rest}");
+            }
+            let key = if key == "." { String::new() } else { key };
+            loc.err(inner.span(), &key, message)
+        })?;
+        validate(raw, &loc, base_dir)
+    }
+
+    /// The cluster with this name.
+    pub fn cluster(&self, name: &str) -> Option<&ClusterConfig> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+}
+
+struct Locator<'a> {
+    text: &'a str,
+    file: &'a str,
+}
+
+impl Locator<'_> {
+    fn err(&self, span: Option<Range<usize>>, key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_string(),
+            position: span.map(|s| line_col(self.text, s.start)),
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+
+    fn at<T>(&self, spanned: &Spanned<T>, key: &str, message: impl Into<String>) -> ConfigError {
+        self.err(Some(spanned.span()), key, message)
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
+    (line, col)
+}
+
+fn parse_socket_addr(loc: &Locator, s: &Spanned<String>, key: &str) -> Result<SocketAddr, ConfigError> {
+    s.get_ref().parse().map_err(|_| {
+        loc.at(
+            s,
+            key,
+            format!("invalid address \"{}\": expected ip:port, e.g. 127.0.0.1:8443", s.get_ref()),
+        )
+    })
+}
+
+fn check_endpoint(loc: &Locator, s: &Spanned<String>, key: &str) -> Result<(), ConfigError> {
+    let v = s.get_ref();
+    let bad = || loc.at(s, key, format!("invalid endpoint \"{v}\": expected host:port, e.g. 10.0.0.7:50051"));
+    if v.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = v.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty()
+        || host.contains(['/', ' ', '[', ']'])
+        || port.parse::<u16>().map_or(true, |p| p == 0)
+    {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+fn read_pem_certs(
+    loc: &Locator,
+    s: &Spanned<String>,
+    key: &str,
+    base: &Path,
+) -> Result<(PathBuf, Vec<rustls::pki_types::CertificateDer<'static>>), ConfigError> {
+    let path = base.join(s.get_ref());
+    let data = std::fs::read(&path)
+        .map_err(|e| loc.at(s, key, format!("cannot read {}: {e}", path.display())))?;
+    let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut data.as_slice()).collect();
+    let certs = certs.map_err(|e| loc.at(s, key, format!("invalid PEM in {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(loc.at(s, key, format!("no certificate found in {}", path.display())));
+    }
+    Ok((path, certs))
+}
+
+fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, ConfigError> {
+    let admin = match &raw.admin {
+        Some(a) => Some(AdminConfig { listen: parse_socket_addr(loc, &a.listen, "admin.listen")? }),
+        None => None,
+    };
+
+    let mut clusters = Vec::with_capacity(raw.clusters.len());
+    let mut cluster_names = HashSet::new();
+    for (i, c) in raw.clusters.iter().enumerate() {
+        let key = |k: &str| format!("clusters[{i}].{k}");
+        let name = c.name.get_ref().clone();
+        if name.is_empty() {
+            return Err(loc.at(&c.name, &key("name"), "cluster name must not be empty"));
+        }
+        if !cluster_names.insert(name.clone()) {
+            return Err(loc.at(&c.name, &key("name"), format!("duplicate cluster name \"{name}\"")));
+        }
+        if c.endpoints.get_ref().is_empty() {
+            return Err(loc.at(&c.endpoints, &key("endpoints"), format!("cluster \"{name}\" has no endpoints")));
+        }
+        let mut seen = HashSet::new();
+        let mut endpoints = Vec::new();
+        for (j, e) in c.endpoints.get_ref().iter().enumerate() {
+            let k = key(&format!("endpoints[{j}]"));
+            check_endpoint(loc, e, &k)?;
+            if !seen.insert(e.get_ref().clone()) {
+                return Err(loc.at(e, &k, format!("duplicate endpoint \"{}\"", e.get_ref())));
+            }
+            endpoints.push(e.get_ref().clone());
+        }
+        let health_check = match &c.health_check {
+            None => None,
+            Some(h) => {
+                let hk = |k: &str| key(&format!("health_check.{k}"));
+                let interval = h.interval.as_ref().map_or(Duration::from_secs(5), |d| d.get_ref().0);
+                let timeout = h.timeout.as_ref().map_or(Duration::from_secs(1), |d| d.get_ref().0);
+                if let Some(d) = &h.interval {
+                    if interval.is_zero() {
+                        return Err(loc.at(d, &hk("interval"), "interval must be greater than zero"));
+                    }
+                }
+                if let Some(d) = &h.timeout {
+                    if timeout.is_zero() {
+                        return Err(loc.at(d, &hk("timeout"), "timeout must be greater than zero"));
+                    }
+                }
+                let threshold = |v: &Option<Spanned<u32>>, k: &str, default: u32| match v {
+                    Some(t) if *t.get_ref() == 0 => {
+                        Err(loc.at(t, &hk(k), format!("{k} must be at least 1")))
+                    }
+                    Some(t) => Ok(*t.get_ref()),
+                    None => Ok(default),
+                };
+                Some(HealthCheckConfig {
+                    interval,
+                    timeout,
+                    unhealthy_threshold: threshold(&h.unhealthy_threshold, "unhealthy_threshold", 2)?,
+                    healthy_threshold: threshold(&h.healthy_threshold, "healthy_threshold", 1)?,
+                    service: h.service.clone(),
+                })
+            }
+        };
+        let connect_timeout = match &c.connect_timeout {
+            Some(d) if d.get_ref().0.is_zero() => {
+                return Err(loc.at(d, &key("connect_timeout"), "connect_timeout must be greater than zero"))
+            }
+            Some(d) => d.get_ref().0,
+            None => DEFAULT_CONNECT_TIMEOUT,
+        };
+        clusters.push(ClusterConfig {
+            name,
+            balancer: c.balancer.0,
+            endpoints,
+            health_check,
+            connect_timeout,
+        });
+    }
+
+    if raw.listeners.is_empty() {
+        return Err(loc.err(None, "listeners", "at least one [[listeners]] is required"));
+    }
+    let mut listeners = Vec::with_capacity(raw.listeners.len());
+    let mut listener_names = HashSet::new();
+    let mut addrs = HashSet::new();
+    if let Some(a) = &admin {
+        addrs.insert(a.listen);
+    }
+    for (i, l) in raw.listeners.iter().enumerate() {
+        let key = |k: &str| format!("listeners[{i}].{k}");
+        let name = l.name.get_ref().clone();
+        if name.is_empty() {
+            return Err(loc.at(&l.name, &key("name"), "listener name must not be empty"));
+        }
+        if !listener_names.insert(name.clone()) {
+            return Err(loc.at(&l.name, &key("name"), format!("duplicate listener name \"{name}\"")));
+        }
+        let listen = parse_socket_addr(loc, &l.listen, &key("listen"))?;
+        if listen.port() != 0 && !addrs.insert(listen) {
+            return Err(loc.at(&l.listen, &key("listen"), format!("address {listen} is already used by another listener or the admin server")));
+        }
+        let tls = match &l.tls {
+            None => None,
+            Some(t) => {
+                let (cert, cert_chain) = read_pem_certs(loc, &t.cert, &key("tls.cert"), base)?;
+                let key_path = base.join(t.key.get_ref());
+                let data = std::fs::read(&key_path).map_err(|e| {
+                    loc.at(&t.key, &key("tls.key"), format!("cannot read {}: {e}", key_path.display()))
+                })?;
+                let private_key = rustls_pemfile::private_key(&mut data.as_slice())
+                    .map_err(|e| loc.at(&t.key, &key("tls.key"), format!("invalid PEM in {}: {e}", key_path.display())))?
+                    .ok_or_else(|| loc.at(&t.key, &key("tls.key"), format!("no private key found in {}", key_path.display())))?;
+                let (client_ca, client_ca_certs) = match &t.client_ca {
+                    Some(ca) => {
+                        let (p, certs) = read_pem_certs(loc, ca, &key("tls.client_ca"), base)?;
+                        (Some(p), certs)
+                    }
+                    None => (None, Vec::new()),
+                };
+                let cfg = TlsConfig {
+                    cert,
+                    key: key_path,
+                    client_ca,
+                    cert_chain,
+                    private_key: std::sync::Arc::new(private_key),
+                    client_ca_certs,
+                };
+                // Build the rustls config now so a key that does not match the certificate fails at load time.
+                crate::listener::server_tls_config(&cfg)
+                    .map_err(|e| loc.at(&t.cert, &key("tls"), format!("unusable certificate/key: {e}")))?;
+                Some(cfg)
+            }
+        };
+        let mut routes = Vec::with_capacity(l.routes.len());
+        for (j, r) in l.routes.iter().enumerate() {
+            let rk = |k: &str| key(&format!("routes[{j}].{k}"));
+            let cluster = r.cluster.get_ref().clone();
+            if !cluster_names.contains(&cluster) {
+                return Err(loc.at(&r.cluster, &rk("cluster"), format!("route refers to unknown cluster \"{cluster}\"")));
+            }
+            if let Some(s) = &r.service {
+                if s.get_ref().is_empty() || s.get_ref().contains('/') {
+                    return Err(loc.at(s, &rk("service"), format!("invalid service name \"{}\": expected e.g. \"package.Service\"", s.get_ref())));
+                }
+            }
+            if let Some(m) = &r.method {
+                if r.service.is_none() {
+                    return Err(loc.at(m, &rk("method"), "method needs service to be set as well"));
+                }
+                if m.get_ref().is_empty() || m.get_ref().contains('/') {
+                    return Err(loc.at(m, &rk("method"), format!("invalid method name \"{}\"", m.get_ref())));
+                }
+            }
+            let timeout = match &r.timeout {
+                Some(d) if d.get_ref().0.is_zero() => {
+                    return Err(loc.at(d, &rk("timeout"), "timeout must be greater than zero"))
+                }
+                Some(d) => Some(d.get_ref().0),
+                None => None,
+            };
+            routes.push(RouteConfig {
+                service: r.service.as_ref().map(|s| s.get_ref().clone()),
+                method: r.method.as_ref().map(|s| s.get_ref().clone()),
+                cluster,
+                timeout,
+            });
+        }
+        let max_concurrent_streams = match &l.max_concurrent_streams {
+            Some(v) if *v.get_ref() == 0 => {
+                return Err(loc.at(v, &key("max_concurrent_streams"), "max_concurrent_streams must be at least 1"))
+            }
+            Some(v) => *v.get_ref(),
+            None => DEFAULT_MAX_CONCURRENT_STREAMS,
+        };
+        listeners.push(ListenerConfig { name, listen, tls, routes, max_concurrent_streams });
+    }
+
+    Ok(Config {
+        origin: loc.file.to_string(),
+        admin,
+        listeners,
+        clusters,
+        drain_timeout: raw.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.into_inner().0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "x.toml", Path::new("."))
+    }
+
+    const GOOD: &str = r#"
+[admin]
+listen = "127.0.0.1:9901"
+
+[[listeners]]
+name = "edge"
+listen = "127.0.0.1:8443"
+
+[[listeners.routes]]
+service = "echo.Echo"
+cluster = "echo"
+timeout = "10s"
+
+[[clusters]]
+name = "echo"
+balancer = "round_robin"
+endpoints = ["127.0.0.1:50051", "localhost:50052"]
+"#;
+
+    #[test]
+    fn parses_good_config() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.listeners[0].routes[0].timeout, Some(Duration::from_secs(10)));
+        assert_eq!(c.clusters[0].endpoints.len(), 2);
+    }
+
+    #[test]
+    fn unknown_balancer_names_line_and_key() {
+        let text = GOOD.replace("\"round_robin\"", "\"rr\"");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(
+            e.starts_with("x.toml:16:12: clusters[0].balancer: unknown balancer \"rr\"; expected one of round_robin"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let text = GOOD.replace("timeout = \"10s\"", "timeot = \"10s\"");
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.starts_with("x.toml:12:1: listeners[0].routes[0].timeot: unknown key `timeot`, expected one of"), "{e}");
+    }
+
+    #[test]
+    fn missing_cluster_is_an_error() {
+        let text = GOOD.replace("cluster = \"echo\"", "cluster = \"nope\"");
+        let e = parse(&text).unwrap_err().to_string();
+        assert_eq!(e, "x.toml:11:11: listeners[0].routes[0].cluster: route refers to unknown cluster \"nope\"");
+    }
+
+    #[test]
+    fn bad_endpoint_and_duration() {
+        let e = parse(&GOOD.replace("localhost:50052", "localhost")).unwrap_err().to_string();
+        assert!(e.starts_with("x.toml:17:33: clusters[0].endpoints[1]: invalid endpoint"), "{e}");
+        let e = parse(&GOOD.replace("\"10s\"", "\"10\"")).unwrap_err().to_string();
+        assert!(e.contains("listeners[0].routes[0].timeout: invalid duration \"10\""), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! The echo test service (placeholder; being written).

@@ -1,0 +1,279 @@
+//! The gRPC facts the proxy needs, in one place: status codes, `grpc-timeout`, `grpc-message` encoding,
+//! trailers-only responses and the spec's mapping of HTTP/2 errors and HTTP statuses to gRPC codes.
+
+use std::time::Duration;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use http::{Response, StatusCode};
+
+/// The canonical gRPC status codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Code {
+    Ok = 0,
+    Cancelled = 1,
+    Unknown = 2,
+    InvalidArgument = 3,
+    DeadlineExceeded = 4,
+    NotFound = 5,
+    AlreadyExists = 6,
+    PermissionDenied = 7,
+    ResourceExhausted = 8,
+    FailedPrecondition = 9,
+    Aborted = 10,
+    OutOfRange = 11,
+    Unimplemented = 12,
+    Internal = 13,
+    Unavailable = 14,
+    DataLoss = 15,
+    Unauthenticated = 16,
+}
+
+/// Number of canonical codes; codes index arrays of per-status metric handles.
+pub const CODE_COUNT: usize = 17;
+
+impl Code {
+    const ALL: [Code; CODE_COUNT] = [
+        Code::Ok,
+        Code::Cancelled,
+        Code::Unknown,
+        Code::InvalidArgument,
+        Code::DeadlineExceeded,
+        Code::NotFound,
+        Code::AlreadyExists,
+        Code::PermissionDenied,
+        Code::ResourceExhausted,
+        Code::FailedPrecondition,
+        Code::Aborted,
+        Code::OutOfRange,
+        Code::Unimplemented,
+        Code::Internal,
+        Code::Unavailable,
+        Code::DataLoss,
+        Code::Unauthenticated,
+    ];
+
+    /// The code for a numeric value; anything out of range is UNKNOWN, as the spec says.
+    pub fn from_i32(v: i32) -> Code {
+        usize::try_from(v)
+            .ok()
+            .and_then(|i| Self::ALL.get(i).copied())
+            .unwrap_or(Code::Unknown)
+    }
+
+    /// Parses a `grpc-status` header value.
+    pub fn from_header(v: &HeaderValue) -> Code {
+        std::str::from_utf8(v.as_bytes())
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .map_or(Code::Unknown, Code::from_i32)
+    }
+
+    /// The canonical upper-case name used as the `grpc_status` metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Code::Ok => "OK",
+            Code::Cancelled => "CANCELLED",
+            Code::Unknown => "UNKNOWN",
+            Code::InvalidArgument => "INVALID_ARGUMENT",
+            Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Code::NotFound => "NOT_FOUND",
+            Code::AlreadyExists => "ALREADY_EXISTS",
+            Code::PermissionDenied => "PERMISSION_DENIED",
+            Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            Code::FailedPrecondition => "FAILED_PRECONDITION",
+            Code::Aborted => "ABORTED",
+            Code::OutOfRange => "OUT_OF_RANGE",
+            Code::Unimplemented => "UNIMPLEMENTED",
+            Code::Internal => "INTERNAL",
+            Code::Unavailable => "UNAVAILABLE",
+            Code::DataLoss => "DATA_LOSS",
+            Code::Unauthenticated => "UNAUTHENTICATED",
+        }
+    }
+
+    /// The `grpc-status` header value for this code.
+    pub fn header_value(self) -> HeaderValue {
+        const DIGITS: [&str; CODE_COUNT] = [
+            "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+        ];
+        HeaderValue::from_static(DIGITS[self as usize])
+    }
+}
+
+/// `grpc-status`
+pub static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+/// `grpc-message`
+pub static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+/// `grpc-timeout`
+pub static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+
+/// A status the proxy itself produces, with a human-readable message.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub code: Code,
+    pub message: String,
+}
+
+impl Status {
+    pub fn new(code: Code, message: impl Into<String>) -> Status {
+        Status { code, message: message.into() }
+    }
+
+    /// Adds `grpc-status` and the percent-encoded `grpc-message` to a header map.
+    pub fn write_to(&self, headers: &mut HeaderMap) {
+        headers.insert(GRPC_STATUS.clone(), self.code.header_value());
+        if !self.message.is_empty() {
+            if let Ok(v) = HeaderValue::from_str(&encode_message(&self.message)) {
+                headers.insert(GRPC_MESSAGE.clone(), v);
+            }
+        }
+    }
+
+    /// A trailers-only response: HTTP 200, `content-type: application/grpc` and the status, all in one
+    /// HEADERS frame that ends the stream.
+    pub fn to_trailers_only(&self) -> Response<()> {
+        let mut resp = Response::new(());
+        let headers = resp.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        self.write_to(headers);
+        resp
+    }
+
+    /// Trailers carrying this status, for a response whose headers already went out.
+    pub fn to_trailers(&self) -> HeaderMap {
+        let mut h = HeaderMap::with_capacity(2);
+        self.write_to(&mut h);
+        h
+    }
+}
+
+/// Percent-encodes a `grpc-message` as the gRPC spec requires (everything outside 0x20..=0x7E, and '%').
+pub fn encode_message(msg: &str) -> String {
+    const SET: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+    percent_encoding::utf8_percent_encode(msg, SET).to_string()
+}
+
+/// Decodes a `grpc-message` value.
+pub fn decode_message(v: &HeaderValue) -> String {
+    percent_encoding::percent_decode(v.as_bytes()).decode_utf8_lossy().into_owned()
+}
+
+/// Parses a `grpc-timeout` value ("1S", "250m", "100u", "2H"...). Up to 8 digits and a unit, per the spec.
+pub fn parse_timeout(v: &HeaderValue) -> Option<Duration> {
+    let b = v.as_bytes();
+    if b.len() < 2 || b.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = b.split_at(b.len() - 1);
+    let mut n: u64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n = n * 10 + u64::from(d - b'0');
+    }
+    Some(match unit[0] {
+        b'H' => Duration::from_secs(n.saturating_mul(3600)),
+        b'M' => Duration::from_secs(n.saturating_mul(60)),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Encodes a duration as `grpc-timeout`, choosing the finest unit that fits in 8 digits.
+pub fn encode_timeout(d: Duration) -> HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let nanos = d.as_nanos().max(1);
+    let units: [(u128, char); 6] = [
+        (1, 'n'),
+        (1_000, 'u'),
+        (1_000_000, 'm'),
+        (1_000_000_000, 'S'),
+        (60_000_000_000, 'M'),
+        (3_600_000_000_000, 'H'),
+    ];
+    for (scale, unit) in units {
+        // Round up so the upstream never sees a longer budget than we have, never 0.
+        let v = nanos.div_ceil(scale);
+        if v <= MAX {
+            return HeaderValue::from_str(&format!("{v}{unit}")).expect("ascii");
+        }
+    }
+    HeaderValue::from_static("99999999H")
+}
+
+/// Maps an HTTP/2 RST_STREAM / GOAWAY reason to a gRPC code, per the gRPC spec (PROTOCOL-HTTP2.md).
+pub fn code_for_reason(reason: h2::Reason) -> Code {
+    match reason {
+        h2::Reason::REFUSED_STREAM => Code::Unavailable,
+        h2::Reason::CANCEL => Code::Cancelled,
+        h2::Reason::ENHANCE_YOUR_CALM => Code::ResourceExhausted,
+        h2::Reason::INADEQUATE_SECURITY => Code::PermissionDenied,
+        _ => Code::Internal,
+    }
+}
+
+/// Maps a non-gRPC HTTP response status to a gRPC code (http-grpc-status-mapping.md).
+pub fn code_for_http_status(status: StatusCode) -> Code {
+    match status.as_u16() {
+        400 => Code::Internal,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::Unimplemented,
+        429 | 502 | 503 | 504 => Code::Unavailable,
+        _ => Code::Unknown,
+    }
+}
+
+/// Whether a content-type names a gRPC payload (`application/grpc`, `application/grpc+proto`, ...).
+pub fn is_grpc_content_type(v: Option<&HeaderValue>) -> bool {
+    v.is_some_and(|v| {
+        let b = v.as_bytes();
+        b.starts_with(b"application/grpc")
+            && matches!(b.get(b"application/grpc".len()), None | Some(b'+') | Some(b';'))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeout_round_trip() {
+        let v = |s: &'static str| HeaderValue::from_static(s);
+        assert_eq!(parse_timeout(&v("1S")), Some(Duration::from_secs(1)));
+        assert_eq!(parse_timeout(&v("250m")), Some(Duration::from_millis(250)));
+        assert_eq!(parse_timeout(&v("2H")), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_timeout(&v("123456789S")), None);
+        assert_eq!(parse_timeout(&v("1x")), None);
+        assert_eq!(parse_timeout(&v("S")), None);
+        assert_eq!(encode_timeout(Duration::from_millis(250)), "250000u");
+        assert_eq!(encode_timeout(Duration::from_nanos(1500)), "1500n");
+        assert_eq!(encode_timeout(Duration::from_secs(10)), "10000000u");
+        assert_eq!(encode_timeout(Duration::from_secs(1000)), "1000000m");
+        assert_eq!(parse_timeout(&encode_timeout(Duration::from_secs(7 * 86400))), Some(Duration::from_secs(7 * 86400)));
+    }
+
+    #[test]
+    fn message_encoding() {
+        assert_eq!(encode_message("no route for /a.B/C"), "no route for /a.B/C");
+        assert_eq!(encode_message("100% \n"), "100%25 %0A");
+        assert_eq!(encode_message("é"), "%C3%A9");
+        assert_eq!(decode_message(&HeaderValue::from_static("100%25 %0A")), "100% \n");
+    }
+
+    #[test]
+    fn codes() {
+        assert_eq!(Code::from_i32(14), Code::Unavailable);
+        assert_eq!(Code::from_i32(99), Code::Unknown);
+        assert_eq!(Code::from_header(&HeaderValue::from_static("4")), Code::DeadlineExceeded);
+        assert_eq!(code_for_reason(h2::Reason::REFUSED_STREAM), Code::Unavailable);
+        assert_eq!(code_for_http_status(StatusCode::BAD_GATEWAY), Code::Unavailable);
+        assert!(is_grpc_content_type(Some(&HeaderValue::from_static("application/grpc+proto"))));
+        assert!(!is_grpc_content_type(Some(&HeaderValue::from_static("application/grpcx"))));
+    }
+}

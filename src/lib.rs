@@ -1,0 +1,36 @@
+//! grpcgate: a gRPC-aware L7 load-balancing reverse proxy.
+//!
+//! One request's path through the code: [`listener`] accepts a connection (TLS or h2c) and an HTTP/2
+//! stream, [`proxy::serve_stream`] asks the [`router`] for a route, the cluster's [`balancer`] for an
+//! endpoint and that endpoint's [`upstream`] pool for an h2c connection, then pumps frames both ways
+//! with HTTP/2 flow control until the trailers. [`grpc`] holds the protocol facts, [`metrics`] the
+//! Prometheus handles and [`admin`] the operator endpoints. [`Gateway`] wires it all together.
+
+pub mod admin;
+pub mod balancer;
+pub mod config;
+pub mod demo;
+pub mod echo;
+pub mod gateway;
+pub mod grpc;
+pub mod listener;
+pub mod metrics;
+pub mod proxy;
+pub mod router;
+pub mod upstream;
+
+pub use config::Config;
+pub use gateway::Gateway;
+
+/// Generated protobuf and gRPC code for `proto/`.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    /// The echo test service (`echo.Echo`).
+    pub mod echo {
+        tonic::include_proto!("echo");
+    }
+    /// The standard health-checking protocol (`grpc.health.v1.Health`).
+    pub mod health {
+        tonic::include_proto!("grpc.health.v1");
+    }
+}

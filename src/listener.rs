@@ -1,0 +1,257 @@
+//! Downstream side: the accept loop, TLS termination (rustls, ALPN `h2`, optional mTLS), the HTTP/2
+//! server connection, and graceful drain (GOAWAY, then wait for in-flight streams).
+//!
+//! Each connection runs in its own task; each stream it accepts runs [`proxy::serve_stream`] in a task
+//! of its own. A connection that is not HTTP/2 (an HTTP/1.1 client, a failed TLS handshake) gets a clear
+//! answer or alert, is logged with the reason and closed, and touches nothing else.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use prometheus::IntGauge;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{ListenerConfig, TlsConfig};
+use crate::proxy;
+use crate::router::Router;
+
+/// The HTTP/2 connection preface every h2 client sends first (RFC 9113 §3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// How long a new connection may take to finish TLS and send the preface.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Stream window we grant clients for request bodies (per stream).
+const STREAM_WINDOW: u32 = 1024 * 1024;
+/// Connection window we grant clients (shared by all streams of a connection).
+const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+
+/// Builds the rustls server config for a listener: ALPN `h2`, client certificates required when
+/// `client_ca` is set.
+pub fn server_tls_config(tls: &TlsConfig) -> Result<rustls::ServerConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?;
+    let builder = if tls.client_ca_certs.is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in &tls.client_ca_certs {
+            roots.add(c.clone()).map_err(|e| format!("bad client CA certificate: {e}"))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| e.to_string())?;
+        builder.with_client_cert_verifier(verifier)
+    };
+    let mut config = builder
+        .with_single_cert(tls.cert_chain.clone(), tls.private_key.clone_key())
+        .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// A bound listener, ready to serve.
+pub struct Listener {
+    pub name: String,
+    pub local_addr: SocketAddr,
+    tcp: TcpListener,
+    tls: Option<TlsAcceptor>,
+    max_concurrent_streams: u32,
+    router: Arc<ArcSwap<Router>>,
+    connections: IntGauge,
+}
+
+impl Listener {
+    /// Binds the listener's address.
+    pub async fn bind(
+        config: &ListenerConfig,
+        router: Arc<ArcSwap<Router>>,
+        connections: IntGauge,
+    ) -> io::Result<Listener> {
+        let tcp = TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("listener \"{}\": cannot bind {}: {e}", config.name, config.listen)))?;
+        let tls = match &config.tls {
+            Some(t) => Some(TlsAcceptor::from(Arc::new(
+                server_tls_config(t).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+            ))),
+            None => None,
+        };
+        Ok(Listener {
+            name: config.name.clone(),
+            local_addr: tcp.local_addr()?,
+            tcp,
+            tls,
+            max_concurrent_streams: config.max_concurrent_streams,
+            router,
+            connections,
+        })
+    }
+
+    /// Accepts connections until `shutdown` fires; connection tasks go on `tracker` so the caller can
+    /// wait for them to drain.
+    pub async fn serve(self, shutdown: CancellationToken, tracker: TaskTracker) {
+        let this = Arc::new(self);
+        loop {
+            let accepted = tokio::select! {
+                r = this.tcp.accept() => r,
+                _ = shutdown.cancelled() => break,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // Usually EMFILE: back off briefly instead of spinning.
+                    tracing::warn!(listener = %this.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let conn = this.clone();
+            let shutdown = shutdown.clone();
+            tracker.spawn(async move {
+                conn.connections.inc();
+                if let Err(reason) = conn.serve_connection(tcp, peer, shutdown).await {
+                    tracing::info!(listener = %conn.name, %peer, %reason, "connection closed");
+                }
+                conn.connections.dec();
+            });
+        }
+        tracing::info!(listener = %this.name, "stopped accepting");
+    }
+
+    async fn serve_connection(&self, tcp: TcpStream, peer: SocketAddr, shutdown: CancellationToken) -> Result<(), String> {
+        match &self.tls {
+            None => self.serve_h2(tcp, peer, shutdown).await,
+            Some(acceptor) => {
+                let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                    .await
+                    .map_err(|_| "TLS handshake timed out".to_string())?
+                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                self.serve_h2(tls, peer, shutdown).await
+            }
+        }
+    }
+
+    async fn serve_h2<IO>(&self, mut io: IO, peer: SocketAddr, shutdown: CancellationToken) -> Result<(), String>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        // Read the preface ourselves so an HTTP/1.1 client gets an HTTP/1.1 answer, not a silent close.
+        let mut prefix = [0u8; PREFACE.len()];
+        let mut n = 0;
+        let read_preface = async {
+            while n < PREFACE.len() {
+                let m = io.read(&mut prefix[n..]).await.map_err(|e| format!("read failed: {e}"))?;
+                if m == 0 {
+                    return Err("closed before sending the HTTP/2 preface".to_string());
+                }
+                if prefix[n..n + m] != PREFACE[n..n + m] {
+                    n += m;
+                    return Err("not HTTP/2".to_string());
+                }
+                n += m;
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_preface).await {
+            Err(_) => return Err("no HTTP/2 preface within 10s".into()),
+            Ok(Err(e)) if e == "not HTTP/2" => {
+                let what = if prefix[..n].windows(5).any(|w| w == b"HTTP/") { "an HTTP/1.x request" } else { "not HTTP/2" };
+                const BODY: &str = "grpcgate serves gRPC over HTTP/2 only (TLS with ALPN h2, or h2c with prior knowledge)\n";
+                let resp = format!(
+                    "HTTP/1.1 505 HTTP Version Not Supported\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+                    BODY.len()
+                );
+                let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(resp.as_bytes())).await;
+                let _ = io.shutdown().await;
+                return Err(format!("{what}; answered 505"));
+            }
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(())) => {}
+        }
+        let io = Prefixed { prefix: PREFACE, pos: 0, io };
+        let mut conn = h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_concurrent_streams(self.max_concurrent_streams)
+            .handshake::<_, Bytes>(io)
+            .await
+            .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
+        tracing::debug!(listener = %self.name, %peer, "connection established");
+        let mut draining = false;
+        loop {
+            let next = tokio::select! {
+                next = conn.accept() => next,
+                _ = shutdown.cancelled(), if !draining => {
+                    // GOAWAY; accept() keeps driving the connection until every open stream is done.
+                    draining = true;
+                    conn.graceful_shutdown();
+                    continue;
+                }
+            };
+            match next {
+                Some(Ok((req, respond))) => {
+                    let router = self.router.load_full();
+                    tokio::spawn(proxy::serve_stream(router, req, respond));
+                }
+                Some(Err(e)) => {
+                    if e.is_io() || e.is_go_away() {
+                        return Err(format!("connection error: {e}"));
+                    }
+                    // A stream-level error was already answered with RST_STREAM by h2; keep going.
+                    tracing::debug!(listener = %self.name, %peer, error = %e, "stream error");
+                }
+                None => return Ok(()),
+            }
+        }
+    }
+}
+
+/// An I/O stream whose first bytes (already read to check the preface) are replayed before the rest.
+struct Prefixed<IO> {
+    prefix: &'static [u8],
+    pos: usize,
+    io: IO,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let rest = &self.prefix[self.pos..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            self.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}

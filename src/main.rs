@@ -1,0 +1,91 @@
+//! The `grpcgate` command: run the proxy from a config file, check a config, or run the demo.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use grpcgate::{demo, Config, Gateway};
+use tokio::signal::unix::{signal, SignalKind};
+
+/// A gRPC-aware L7 load-balancing reverse proxy.
+#[derive(Parser)]
+#[command(name = "grpcgate", version, about)]
+struct Cli {
+    /// The TOML config file to run (or check).
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Validate the config and exit: 0 if it is good, 1 with the error otherwise.
+    #[arg(long, requires = "config")]
+    check: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start three echo backends and the proxy in-process, drive load through it and print a report.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if cli.command.is_some() { "warn" } else { "info" })),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+
+    if let Some(Command::Demo(args)) = cli.command {
+        return match runtime.block_on(demo::run(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("grpcgate demo: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let Some(path) = cli.config else {
+        eprintln!("grpcgate: --config FILE is required (or run `grpcgate demo`); see --help");
+        return ExitCode::from(2);
+    };
+    let config = match Config::from_file(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if cli.check {
+        println!("{}: ok", path.display());
+        return ExitCode::SUCCESS;
+    }
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("grpcgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let drain_timeout = config.drain_timeout;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let gateway = Gateway::start(config).await?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => tracing::warn!("SIGHUP received: config reload is not implemented yet; keeping the running config"),
+        }
+    }
+    tracing::info!(drain_timeout_ms = drain_timeout.as_millis() as u64, "shutting down: draining connections");
+    let drained = gateway.shutdown(drain_timeout).await;
+    tracing::info!(drained, "stopped");
+    Ok(())
+}

@@ -1,0 +1,142 @@
+//! The Prometheus registry and the handles the hot path touches.
+//!
+//! Label lookups happen once, when a cluster or listener is built (or the first time a status is seen
+//! for an endpoint), never per request: the proxy holds [`IntCounter`]/[`IntGauge`] handles directly.
+
+use std::sync::{Arc, OnceLock};
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::grpc::{Code, CODE_COUNT};
+
+/// Latency buckets for gRPC calls, from sub-millisecond unary calls to long streams.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Every metric grpcgate exports, registered in one registry per gateway.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    in_flight: IntGaugeVec,
+    healthy: IntGaugeVec,
+    health_checks: IntCounterVec,
+    downstream_connections: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Arc<Metrics> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("grpcgate_requests_total", "gRPC calls handled, by final grpc-status."),
+            &["listener", "cluster", "endpoint", "grpc_status"],
+        )
+        .expect("valid metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "grpcgate_request_duration_seconds",
+                "Time from the request's headers to the end of its response.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["cluster"],
+        )
+        .expect("valid metric");
+        let in_flight = IntGaugeVec::new(
+            Opts::new("grpcgate_endpoint_in_flight", "Calls in flight to an endpoint through this proxy."),
+            &["cluster", "endpoint"],
+        )
+        .expect("valid metric");
+        let healthy = IntGaugeVec::new(
+            Opts::new("grpcgate_endpoint_healthy", "1 if the endpoint may receive calls, 0 if not."),
+            &["cluster", "endpoint"],
+        )
+        .expect("valid metric");
+        let health_checks = IntCounterVec::new(
+            Opts::new("grpcgate_health_checks_total", "Active health checks, by result."),
+            &["cluster", "endpoint", "result"],
+        )
+        .expect("valid metric");
+        let downstream_connections = IntGaugeVec::new(
+            Opts::new("grpcgate_downstream_connections_active", "Open client connections."),
+            &["listener"],
+        )
+        .expect("valid metric");
+        for c in [&requests, &health_checks] {
+            registry.register(Box::new(c.clone())).expect("unique metric");
+        }
+        for g in [&in_flight, &healthy, &downstream_connections] {
+            registry.register(Box::new(g.clone())).expect("unique metric");
+        }
+        registry.register(Box::new(duration.clone())).expect("unique metric");
+        Arc::new(Metrics { registry, requests, duration, in_flight, healthy, health_checks, downstream_connections })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::with_capacity(4096);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("prometheus text is utf-8")
+    }
+
+    /// Per-status request counters for one (listener, cluster, endpoint); empty strings where a call never
+    /// got that far (no route, no endpoint).
+    pub fn request_counters(&self, listener: &str, cluster: &str, endpoint: &str) -> StatusCounters {
+        StatusCounters {
+            vec: self.requests.clone(),
+            labels: [listener.to_string(), cluster.to_string(), endpoint.to_string()],
+            slots: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    /// The call-duration histogram of a cluster.
+    pub fn duration(&self, cluster: &str) -> Histogram {
+        self.duration.with_label_values(&[cluster])
+    }
+
+    /// The in-flight gauge of an endpoint.
+    pub fn in_flight(&self, cluster: &str, endpoint: &str) -> IntGauge {
+        self.in_flight.with_label_values(&[cluster, endpoint])
+    }
+
+    /// The healthy gauge of an endpoint.
+    pub fn healthy(&self, cluster: &str, endpoint: &str) -> IntGauge {
+        self.healthy.with_label_values(&[cluster, endpoint])
+    }
+
+    /// The health-check counter of an endpoint for one result (`success`, `failure`, ...).
+    pub fn health_checks(&self, cluster: &str, endpoint: &str, result: &str) -> IntCounter {
+        self.health_checks.with_label_values(&[cluster, endpoint, result])
+    }
+
+    /// The open-connections gauge of a listener.
+    pub fn downstream_connections(&self, listener: &str) -> IntGauge {
+        self.downstream_connections.with_label_values(&[listener])
+    }
+}
+
+/// `grpcgate_requests_total` handles for one label set, one per status, each created on first use so
+/// the output only lists statuses that happened.
+pub struct StatusCounters {
+    vec: IntCounterVec,
+    labels: [String; 3],
+    slots: [OnceLock<IntCounter>; CODE_COUNT],
+}
+
+impl StatusCounters {
+    /// Counts one finished call.
+    pub fn inc(&self, code: Code) {
+        self.slots[code as usize]
+            .get_or_init(|| {
+                let [l, c, e] = &self.labels;
+                self.vec.with_label_values(&[l, c, e, code.name()])
+            })
+            .inc();
+    }
+}

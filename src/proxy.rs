@@ -1,0 +1,400 @@
+//! One call through the proxy: route, pick an endpoint, forward, stream both ways, account.
+//!
+//! Everything for one call runs in one task ([`serve_stream`]): the request body pump
+//! (client → upstream), waiting for the upstream response, and the response body pump (upstream →
+//! client), selected together with the deadline and the client's RST_STREAM. Bodies move frame by frame;
+//! a frame's flow-control credit goes back to its sender only once the other side accepted it, so
+//! HTTP/2 flow control holds end to end and a stream never buffers more than one window.
+
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::{RecvStream, SendStream};
+use http::header::{HeaderMap, HeaderName, CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+use http::uri::{Parts, Scheme};
+use http::{Request, Response, StatusCode, Uri};
+use tokio::time::Instant;
+
+use crate::balancer::{Cluster, Endpoint};
+use crate::grpc::{self, Code, Status, GRPC_STATUS, GRPC_TIMEOUT};
+use crate::router::{Route, Router};
+use crate::upstream::Lease;
+
+/// Serves one downstream HTTP/2 stream to completion and records its metrics.
+pub async fn serve_stream(router: Arc<Router>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+    let start = Instant::now();
+    let Some(route) = router.route(req.uri().path()) else {
+        let status = Status::new(
+            Code::Unimplemented,
+            format!("grpcgate: no route for {} on listener \"{}\"", req.uri().path(), router.listener),
+        );
+        reply(&mut respond, &status);
+        router.no_route.inc(status.code);
+        return;
+    };
+    let (endpoint, code) = forward(route, req, &mut respond, start).await;
+    let counters = match endpoint {
+        Some(i) => &route.counters[i],
+        None => route.unrouted_counters(),
+    };
+    counters.inc(code);
+    route.cluster.duration.observe(start.elapsed().as_secs_f64());
+}
+
+/// Sends a trailers-only response with a status the proxy produced.
+fn reply(respond: &mut SendResponse<Bytes>, status: &Status) {
+    tracing::debug!(code = status.code.name(), message = %status.message, "replying with proxy status");
+    let _ = respond.send_response(status.to_trailers_only(), true);
+}
+
+/// Forwards one call; returns the endpoint it went to (if any) and the status it ended with.
+async fn forward(
+    route: &Route,
+    req: Request<RecvStream>,
+    respond: &mut SendResponse<Bytes>,
+    start: Instant,
+) -> (Option<usize>, Code) {
+    let cluster = &route.cluster;
+    let client_timeout = req.headers().get(&GRPC_TIMEOUT).and_then(grpc::parse_timeout);
+    let budget = match (route.timeout, client_timeout) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let deadline = budget.map(|b| start + b);
+    let mut deadline_sleep = pin!(tokio::time::sleep_until(
+        deadline.unwrap_or_else(|| start + Duration::from_secs(86_400 * 365))
+    ));
+    let deadline_status = || {
+        Status::new(
+            Code::DeadlineExceeded,
+            format!("grpcgate: deadline of {}ms exceeded", budget.unwrap_or_default().as_millis()),
+        )
+    };
+
+    let (mut parts, mut down_body) = req.into_parts();
+    let end_of_stream = down_body.is_end_stream();
+
+    // Pick an endpoint and get a stream slot on a connection to it.
+    let acquired = tokio::select! {
+        r = acquire(cluster) => r,
+        _ = &mut deadline_sleep, if deadline.is_some() => Err(deadline_status()),
+        _ = poll_fn(|cx| respond.poll_reset(cx)) => return (None, Code::Cancelled),
+    };
+    let (idx, lease, mut sender) = match acquired {
+        Ok(x) => x,
+        Err(status) => {
+            reply(respond, &status);
+            return (None, status.code);
+        }
+    };
+    let endpoint = &cluster.endpoints[idx];
+    let _in_flight = endpoint.start_call();
+
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(d) = deadline {
+        let remaining = d.saturating_duration_since(Instant::now());
+        parts.headers.insert(GRPC_TIMEOUT.clone(), grpc::encode_timeout(remaining));
+    }
+    parts.uri = upstream_uri(std::mem::take(&mut parts.uri), endpoint);
+    let (resp_fut, mut up_send) = match sender.send_request(Request::from_parts(parts, ()), end_of_stream) {
+        Ok(x) => x,
+        Err(e) => {
+            lease.discard();
+            let status = upstream_error_status(&e, endpoint);
+            reply(respond, &status);
+            return (Some(idx), status.code);
+        }
+    };
+
+    let mut req_pump = pin!(Pump::new(&mut down_body, &mut up_send, None));
+    let mut req_done = end_of_stream;
+    let mut resp_fut = pin!(resp_fut);
+
+    // Phase 1: wait for the upstream response headers.
+    let response = loop {
+        tokio::select! {
+            r = &mut resp_fut => break r,
+            r = &mut req_pump, if !req_done => {
+                req_done = true;
+                if let Err(PumpError::Src(_)) = r {
+                    // The client reset its stream or broke its connection.
+                    return (Some(idx), Code::Cancelled);
+                }
+                // Ok, or the upstream stopped reading: the response (or its error) comes next.
+            }
+            _ = poll_fn(|cx| respond.poll_reset(cx)) => return (Some(idx), Code::Cancelled),
+            _ = &mut deadline_sleep, if deadline.is_some() => {
+                let status = deadline_status();
+                reply(respond, &status);
+                return (Some(idx), status.code);
+            }
+        }
+    };
+    let response = match response {
+        Ok(r) => r,
+        Err(e) => {
+            let status = upstream_error_status(&e, endpoint);
+            reply(respond, &status);
+            return (Some(idx), status.code);
+        }
+    };
+    let (head, mut up_body) = response.into_parts();
+    if head.status != StatusCode::OK {
+        let status = Status::new(
+            grpc::code_for_http_status(head.status),
+            format!("grpcgate: upstream {} answered HTTP {} instead of gRPC", endpoint.address, head.status),
+        );
+        reply(respond, &status);
+        return (Some(idx), status.code);
+    }
+    let trailers_only = up_body.is_end_stream();
+    let header_code = head.headers.get(&GRPC_STATUS).map(Code::from_header);
+    let mut down_send = match respond.send_response(Response::from_parts(head, ()), trailers_only) {
+        Ok(s) => s,
+        Err(_) => return (Some(idx), Code::Cancelled),
+    };
+    if trailers_only {
+        return (Some(idx), header_code.unwrap_or(Code::Unknown));
+    }
+
+    // Phase 2: stream the response body and trailers (while the request body may still flow, for bidi).
+    let missing_status = Status::new(
+        Code::Internal,
+        format!("grpcgate: upstream {} ended the response without grpc-status", endpoint.address),
+    );
+    enum End {
+        Done(Result<Option<Code>, PumpError>),
+        ClientGone,
+        Deadline,
+    }
+    let end = {
+        let mut resp_pump = pin!(Pump::new(&mut up_body, &mut down_send, Some(missing_status.to_trailers())));
+        loop {
+            tokio::select! {
+                r = &mut resp_pump => break End::Done(r),
+                r = &mut req_pump, if !req_done => {
+                    req_done = true;
+                    if let Err(PumpError::Src(_)) = r {
+                        break End::ClientGone;
+                    }
+                }
+                _ = &mut deadline_sleep, if deadline.is_some() => break End::Deadline,
+            }
+        }
+    };
+    match end {
+        End::Done(Ok(code)) => (Some(idx), code.unwrap_or(missing_status.code)),
+        End::Done(Err(PumpError::Src(e))) => {
+            // The upstream broke mid-stream: end the client's call with a status saying so.
+            let status = upstream_error_status(&e, endpoint);
+            let _ = down_send.send_trailers(status.to_trailers());
+            (Some(idx), status.code)
+        }
+        End::Done(Err(PumpError::Dst(_))) | End::ClientGone => (Some(idx), Code::Cancelled),
+        End::Deadline => {
+            let _ = down_send.send_trailers(deadline_status().to_trailers());
+            (Some(idx), Code::DeadlineExceeded)
+        }
+    }
+    // Returning drops the upstream stream handles; h2 resets an unfinished upstream stream with CANCEL.
+}
+
+/// Picks an endpoint and a stream slot on a ready connection to it. A connect failure moves on to the
+/// next healthy endpoint (the call has not been sent anywhere yet, so this is always safe).
+async fn acquire(cluster: &Cluster) -> Result<(usize, Lease, h2::client::SendRequest<Bytes>), Status> {
+    let n = cluster.endpoints.len();
+    let first = cluster.pick().ok_or_else(|| {
+        Status::new(Code::Unavailable, format!("grpcgate: no healthy endpoint in cluster \"{}\"", cluster.name))
+    })?;
+    let mut last_error = String::new();
+    for k in 0..n {
+        let i = (first + k) % n;
+        let endpoint = &cluster.endpoints[i];
+        if k > 0 && !endpoint.is_healthy() {
+            continue;
+        }
+        // Two tries per endpoint: a pooled connection may have just received GOAWAY.
+        for _ in 0..2 {
+            match endpoint.pool.acquire().await {
+                Ok(lease) => match lease.sender().ready().await {
+                    Ok(sender) => return Ok((i, lease, sender)),
+                    Err(e) => {
+                        lease.discard();
+                        last_error = format!("{}: {e}", endpoint.address);
+                    }
+                },
+                Err(e) => {
+                    last_error = e.to_string();
+                    tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.address, error = %e, "no connection");
+                    break;
+                }
+            }
+        }
+    }
+    Err(Status::new(
+        Code::Unavailable,
+        format!("grpcgate: no endpoint of cluster \"{}\" is reachable: {last_error}", cluster.name),
+    ))
+}
+
+/// The status a client sees when the upstream stream or connection fails.
+fn upstream_error_status(e: &h2::Error, endpoint: &Endpoint) -> Status {
+    let address = &endpoint.address;
+    if e.is_go_away() {
+        return Status::new(
+            Code::Unavailable,
+            format!("grpcgate: upstream {address} closed the connection (GOAWAY: {e})"),
+        );
+    }
+    if let (Some(reason), true) = (e.reason(), e.is_reset()) {
+        return Status::new(
+            grpc::code_for_reason(reason),
+            format!("grpcgate: upstream {address} reset the stream ({reason:?})"),
+        );
+    }
+    Status::new(Code::Unavailable, format!("grpcgate: connection to upstream {address} failed: {e}"))
+}
+
+/// Headers that describe one HTTP hop and must not be forwarded (RFC 9110 §7.6.1, RFC 9113 §8.2.2).
+/// `te: trailers` is the one `te` value HTTP/2 allows, and gRPC needs it, so it stays.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    for name in [&CONNECTION, &TRANSFER_ENCODING, &UPGRADE, &KEEP_ALIVE, &PROXY_CONNECTION] {
+        headers.remove(name);
+    }
+    if headers.get(TE).is_some_and(|v| v != "trailers") {
+        headers.remove(TE);
+    }
+}
+
+/// The request URI as sent upstream: plaintext h2c, same path, same `:authority` as the client used
+/// (or the endpoint address when the client sent none).
+fn upstream_uri(uri: Uri, endpoint: &Endpoint) -> Uri {
+    let mut parts = uri.into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    if parts.authority.is_none() {
+        parts.authority = endpoint.address.parse().ok();
+    }
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    Uri::from_parts(parts).unwrap_or_else(|_| {
+        let mut p = Parts::default();
+        p.scheme = Some(Scheme::HTTP);
+        p.authority = endpoint.address.parse().ok();
+        p.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        Uri::from_parts(p).expect("valid uri")
+    })
+}
+
+/// Which side of a [`Pump`] failed.
+#[derive(Debug)]
+enum PumpError {
+    /// Reading from the source stream failed (it was reset or its connection broke).
+    Src(#[allow(dead_code)] h2::Error),
+    /// The destination stream was reset or closed; nothing more can be sent.
+    Dst(#[allow(dead_code)] Option<h2::Error>),
+}
+
+enum PumpState {
+    Data,
+    Trailers,
+    Done,
+}
+
+/// Moves DATA frames and then trailers from one HTTP/2 stream to another. A frame's flow-control
+/// credit is released to the source only after the destination accepted every byte of it, so the
+/// source can never send faster than the destination drains.
+struct Pump<'a> {
+    src: &'a mut RecvStream,
+    dst: &'a mut SendStream<Bytes>,
+    /// A frame being sent, and the credit to release once it is.
+    pending: Option<(Bytes, usize)>,
+    state: PumpState,
+    /// Trailers to send when the source ends without any (None: just end the stream).
+    missing_trailers: Option<HeaderMap>,
+}
+
+impl<'a> Pump<'a> {
+    fn new(src: &'a mut RecvStream, dst: &'a mut SendStream<Bytes>, missing_trailers: Option<HeaderMap>) -> Self {
+        Pump { src, dst, pending: None, state: PumpState::Data, missing_trailers }
+    }
+}
+
+impl Future for Pump<'_> {
+    /// The `grpc-status` found in the trailers that were forwarded, if any.
+    type Output = Result<Option<Code>, PumpError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if let Poll::Ready(r) = this.dst.poll_reset(cx) {
+            return Poll::Ready(Err(PumpError::Dst(r.err())));
+        }
+        loop {
+            match this.state {
+                PumpState::Data => {
+                    if let Some((chunk, credit)) = &mut this.pending {
+                        let mut cap = this.dst.capacity();
+                        if cap == 0 {
+                            this.dst.reserve_capacity(chunk.len());
+                            match ready!(this.dst.poll_capacity(cx)) {
+                                Some(Ok(_)) => cap = this.dst.capacity(),
+                                Some(Err(e)) => return Poll::Ready(Err(PumpError::Dst(Some(e)))),
+                                None => return Poll::Ready(Err(PumpError::Dst(None))),
+                            }
+                            if cap == 0 {
+                                continue;
+                            }
+                        }
+                        let part = chunk.split_to(cap.min(chunk.len()));
+                        if let Err(e) = this.dst.send_data(part, false) {
+                            return Poll::Ready(Err(PumpError::Dst(Some(e))));
+                        }
+                        if chunk.is_empty() {
+                            let credit = *credit;
+                            this.pending = None;
+                            let _ = this.src.flow_control().release_capacity(credit);
+                        } else {
+                            this.dst.reserve_capacity(chunk.len());
+                        }
+                        continue;
+                    }
+                    match ready!(this.src.poll_data(cx)) {
+                        Some(Ok(chunk)) => {
+                            let len = chunk.len();
+                            if len == 0 {
+                                continue;
+                            }
+                            this.dst.reserve_capacity(len);
+                            this.pending = Some((chunk, len));
+                        }
+                        Some(Err(e)) => return Poll::Ready(Err(PumpError::Src(e))),
+                        None => this.state = PumpState::Trailers,
+                    }
+                }
+                PumpState::Trailers => {
+                    let trailers = match ready!(this.src.poll_trailers(cx)) {
+                        Ok(t) => t.or_else(|| this.missing_trailers.take()),
+                        Err(e) => return Poll::Ready(Err(PumpError::Src(e))),
+                    };
+                    this.state = PumpState::Done;
+                    let result = match trailers {
+                        Some(t) => {
+                            let code = t.get(&GRPC_STATUS).map(Code::from_header);
+                            this.dst.send_trailers(t).map(|()| code)
+                        }
+                        None => this.dst.send_data(Bytes::new(), true).map(|()| None),
+                    };
+                    return Poll::Ready(result.map_err(|e| PumpError::Dst(Some(e))));
+                }
+                PumpState::Done => return Poll::Ready(Ok(None)),
+            }
+        }
+    }
+}

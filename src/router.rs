@@ -1,0 +1,105 @@
+//! Maps a gRPC path (`/package.Service/Method`) to a route: the first route that matches wins.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::balancer::Cluster;
+use crate::config::ListenerConfig;
+use crate::metrics::{Metrics, StatusCounters};
+
+/// Where matching calls go and how long they may take.
+pub struct Route {
+    service: Option<String>,
+    method: Option<String>,
+    pub cluster: Arc<Cluster>,
+    pub timeout: Option<Duration>,
+    /// `grpcgate_requests_total` handles, one per endpoint of the cluster (same index), and one more
+    /// at the end for calls that never reached an endpoint.
+    pub counters: Arc<[StatusCounters]>,
+}
+
+impl Route {
+    fn matches(&self, service: &str, method: &str) -> bool {
+        self.service.as_deref().is_none_or(|s| s == service)
+            && self.method.as_deref().is_none_or(|m| m == method)
+    }
+
+    /// The counters for calls that never reached an endpoint.
+    pub fn unrouted_counters(&self) -> &StatusCounters {
+        &self.counters[self.counters.len() - 1]
+    }
+}
+
+/// A listener's routes, in config order.
+pub struct Router {
+    pub listener: String,
+    routes: Vec<Route>,
+    /// Counters for calls no route matched.
+    pub no_route: StatusCounters,
+}
+
+impl Router {
+    /// Builds the routes of a listener against the gateway's clusters.
+    pub fn new(config: &ListenerConfig, clusters: &HashMap<String, Arc<Cluster>>, metrics: &Metrics) -> Router {
+        let mut counters_by_cluster: HashMap<&str, Arc<[StatusCounters]>> = HashMap::new();
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| {
+                let cluster = clusters[&r.cluster].clone();
+                let counters = counters_by_cluster
+                    .entry(&r.cluster)
+                    .or_insert_with(|| {
+                        cluster
+                            .endpoints
+                            .iter()
+                            .map(|e| e.address.as_str())
+                            .chain(std::iter::once(""))
+                            .map(|ep| metrics.request_counters(&config.name, &cluster.name, ep))
+                            .collect()
+                    })
+                    .clone();
+                Route {
+                    service: r.service.clone(),
+                    method: r.method.clone(),
+                    cluster,
+                    timeout: r.timeout,
+                    counters,
+                }
+            })
+            .collect();
+        Router {
+            listener: config.name.clone(),
+            routes,
+            no_route: metrics.request_counters(&config.name, "", ""),
+        }
+    }
+
+    /// The route for a request path, if any. A path that is not `/service/method` only matches catch-all
+    /// routes.
+    pub fn route(&self, path: &str) -> Option<&Route> {
+        let (service, method) = split_path(path).unwrap_or(("", ""));
+        self.routes.iter().find(|r| r.matches(service, method))
+    }
+}
+
+/// Splits `/package.Service/Method` into its service and method.
+pub fn split_path(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix('/')?;
+    let (service, method) = rest.split_once('/')?;
+    (!service.is_empty() && !method.is_empty() && !method.contains('/')).then_some((service, method))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_paths() {
+        assert_eq!(split_path("/echo.Echo/Unary"), Some(("echo.Echo", "Unary")));
+        assert_eq!(split_path("/echo.Echo/"), None);
+        assert_eq!(split_path("echo.Echo/Unary"), None);
+        assert_eq!(split_path("/a/b/c"), None);
+    }
+}

@@ -1,0 +1,216 @@
+//! Per-endpoint pool of h2c connections.
+//!
+//! Calls are multiplexed over a connection until it reaches the peer's `SETTINGS_MAX_CONCURRENT_STREAMS`;
+//! then another connection is opened. A connection that dies is dropped from the pool and replaced on
+//! demand; failed connects back off exponentially (capped, with jitter) so a dead endpoint costs one
+//! fast failure per call instead of a connect attempt per call.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use parking_lot::Mutex;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Stream flow-control window we give upstream responses (per stream).
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
+/// Connection flow-control window we give upstream responses (all streams of one connection).
+pub const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+/// More than this many connections to one endpoint and new calls queue on the least-loaded one.
+const MAX_CONNECTIONS: usize = 64;
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+/// Why no connection could be had.
+#[derive(Debug, Clone)]
+pub enum ConnectError {
+    /// The last connect failed and the endpoint is backing off until the next attempt.
+    BackingOff { last_error: String, retry_in: Duration },
+    /// This attempt failed.
+    Failed(String),
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectError::BackingOff { last_error, retry_in } => {
+                write!(f, "{last_error} (next connect attempt in {}ms)", retry_in.as_millis())
+            }
+            ConnectError::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+struct Conn {
+    send: SendRequest<Bytes>,
+    /// Streams this proxy has open on the connection.
+    active: AtomicUsize,
+    /// Set by the connection's driver task when the connection ends.
+    closed: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct Backoff {
+    failures: u32,
+    until: Option<Instant>,
+    last_error: String,
+}
+
+/// The connections to one endpoint.
+pub struct Pool {
+    address: String,
+    connect_timeout: Duration,
+    conns: Mutex<Vec<Arc<Conn>>>,
+    /// Serialises connects so a burst of calls opens one connection, not one each. Only the slow
+    /// path (no usable connection) waits on it.
+    connecting: tokio::sync::Mutex<()>,
+    backoff: Mutex<Backoff>,
+}
+
+/// A stream slot on a pooled connection; dropping it frees the slot.
+pub struct Lease {
+    conn: Arc<Conn>,
+}
+
+impl Lease {
+    /// The connection's request handle.
+    pub fn sender(&self) -> SendRequest<Bytes> {
+        self.conn.send.clone()
+    }
+
+    /// Marks the connection unusable (e.g. it refused a new stream after GOAWAY).
+    pub fn discard(&self) {
+        self.conn.closed.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.conn.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Pool {
+    /// An empty pool for `address` (`host:port`); connections open on first use.
+    pub fn new(address: &str, connect_timeout: Duration) -> Pool {
+        Pool {
+            address: address.to_string(),
+            connect_timeout,
+            conns: Mutex::new(Vec::new()),
+            connecting: tokio::sync::Mutex::new(()),
+            backoff: Mutex::new(Backoff::default()),
+        }
+    }
+
+    /// Open connections (for the admin page and tests).
+    pub fn connections(&self) -> usize {
+        self.conns.lock().iter().filter(|c| !c.closed.load(Ordering::Relaxed)).count()
+    }
+
+    /// A stream slot on a connection with room, opening a connection if none has.
+    pub async fn acquire(&self) -> Result<Lease, ConnectError> {
+        if let Some(lease) = self.try_lease(false) {
+            return Ok(lease);
+        }
+        self.check_backoff()?;
+        let _connecting = self.connecting.lock().await;
+        // Someone else may have connected while we waited.
+        if let Some(lease) = self.try_lease(false) {
+            return Ok(lease);
+        }
+        self.check_backoff()?;
+        match self.connect().await {
+            Ok(conn) => {
+                *self.backoff.lock() = Backoff::default();
+                conn.active.fetch_add(1, Ordering::Relaxed);
+                self.conns.lock().push(conn.clone());
+                Ok(Lease { conn })
+            }
+            Err(e) => {
+                let mut b = self.backoff.lock();
+                b.failures = b.failures.saturating_add(1);
+                let exp = BACKOFF_BASE.saturating_mul(1 << (b.failures - 1).min(16)).min(BACKOFF_CAP);
+                // Jitter in [exp/2, exp] so endpoints that failed together do not retry together.
+                let delay = exp / 2 + exp.mul_f64(fastrand::f64() / 2.0);
+                b.until = Some(Instant::now() + delay);
+                b.last_error = e.clone();
+                drop(b);
+                // Under the connection cap a full connection is still better than failing the call.
+                self.try_lease(true).ok_or(ConnectError::Failed(e))
+            }
+        }
+    }
+
+    fn check_backoff(&self) -> Result<(), ConnectError> {
+        let b = self.backoff.lock();
+        match b.until {
+            Some(until) if until > Instant::now() => Err(ConnectError::BackingOff {
+                last_error: b.last_error.clone(),
+                retry_in: until - Instant::now(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Takes a slot on the connection with the most room under its stream limit; with `overflow`, on
+    /// the least-loaded connection even if it is full (h2 queues the stream until one finishes).
+    fn try_lease(&self, overflow: bool) -> Option<Lease> {
+        let mut conns = self.conns.lock();
+        conns.retain(|c| !c.closed.load(Ordering::Relaxed));
+        let full = conns.len() >= MAX_CONNECTIONS;
+        let mut best: Option<&Arc<Conn>> = None;
+        for c in conns.iter() {
+            let active = c.active.load(Ordering::Relaxed);
+            let has_room = active < c.send.current_max_send_streams();
+            if (has_room || overflow || full)
+                && best.is_none_or(|b| active < b.active.load(Ordering::Relaxed))
+            {
+                best = Some(c);
+                if active == 0 {
+                    break;
+                }
+            }
+        }
+        let conn = best?.clone();
+        conn.active.fetch_add(1, Ordering::Relaxed);
+        Some(Lease { conn })
+    }
+
+    async fn connect(&self) -> Result<Arc<Conn>, String> {
+        let address = &self.address;
+        let attempt = async {
+            let tcp = TcpStream::connect(address.as_str())
+                .await
+                .map_err(|e| format!("connect to {address} failed: {e}"))?;
+            let _ = tcp.set_nodelay(true);
+            let (send, conn) = h2::client::Builder::new()
+                .initial_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .enable_push(false)
+                .handshake::<_, Bytes>(tcp)
+                .await
+                .map_err(|e| format!("HTTP/2 handshake with {address} failed: {e}"))?;
+            Ok::<_, String>((send, conn))
+        };
+        let (send, connection) = tokio::time::timeout(self.connect_timeout, attempt)
+            .await
+            .map_err(|_| {
+                format!("connect to {address} timed out after {}ms", self.connect_timeout.as_millis())
+            })??;
+        let closed = Arc::new(AtomicBool::new(false));
+        let closed2 = closed.clone();
+        let addr = address.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended");
+            }
+            closed2.store(true, Ordering::Relaxed);
+        });
+        tracing::debug!(endpoint = %address, "upstream connection established");
+        Ok(Arc::new(Conn { send, active: AtomicUsize::new(0), closed }))
+    }
+}
