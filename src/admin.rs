@@ -16,7 +16,11 @@ use tokio_util::sync::CancellationToken;
 use crate::gateway::Shared;
 
 /// Binds the admin address and serves it until `shutdown` fires; returns the bound address.
-pub async fn spawn(addr: SocketAddr, shared: Arc<Shared>, shutdown: CancellationToken) -> std::io::Result<SocketAddr> {
+pub async fn spawn(
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("admin: cannot bind {addr}: {e}")))?;
@@ -43,7 +47,11 @@ pub async fn spawn(addr: SocketAddr, shared: Arc<Shared>, shutdown: Cancellation
     Ok(local)
 }
 
-fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header(http::header::CONTENT_TYPE, content_type)
@@ -57,17 +65,29 @@ fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         return text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "only GET\n");
     }
     match req.uri().path() {
-        "/metrics" => text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", shared.metrics.encode()),
+        "/metrics" => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            shared.metrics.encode(),
+        ),
         "/healthz" => text(StatusCode::OK, PLAIN, "ok\n"),
         "/ready" => {
             if shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
                 text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "draining\n")
             } else if let Some(c) = shared.clusters.iter().find(|c| !c.has_healthy()) {
-                text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, format!("cluster \"{}\" has no healthy endpoint\n", c.name))
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    PLAIN,
+                    format!("cluster \"{}\" has no healthy endpoint\n", c.name),
+                )
             } else {
                 text(StatusCode::OK, PLAIN, "ready\n")
             }
         }
-        _ => text(StatusCode::NOT_FOUND, PLAIN, "not found; try /metrics, /healthz or /ready\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            PLAIN,
+            "not found; try /metrics, /healthz or /ready\n",
+        ),
     }
 }

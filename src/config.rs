@@ -231,7 +231,9 @@ struct DurationStr(Duration);
 impl<'de> Deserialize<'de> for DurationStr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_duration(&s).map(DurationStr).map_err(de::Error::custom)
+        parse_duration(&s)
+            .map(DurationStr)
+            .map_err(de::Error::custom)
     }
 }
 
@@ -242,9 +244,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .ok_or_else(|| format!("invalid duration \"{s}\": missing unit (ms, s, m, h)"))?;
     let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration \"{s}\": expected a number followed by ms, s, m or h"))?;
+    let value: f64 = num.parse().map_err(|_| {
+        format!("invalid duration \"{s}\": expected a number followed by ms, s, m or h")
+    })?;
     let secs = match unit {
         "us" | "µs" => value / 1_000_000.0,
         "ms" => value / 1000.0,
@@ -287,7 +289,10 @@ impl Config {
         let de = toml::Deserializer::new(text);
         let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             // Spanned<T> shows up in the path as a private field; hide it.
-            let key = e.path().to_string().replace(".$__serde_spanned_private_value", "");
+            let key = e
+                .path()
+                .to_string()
+                .replace(".$__serde_spanned_private_value", "");
             let inner = e.into_inner();
             let mut message = inner.message().to_string();
             if let Some(rest) = message.strip_prefix("unknown field ") {
@@ -311,7 +316,12 @@ struct Locator<'a> {
 }
 
 impl Locator<'_> {
-    fn err(&self, span: Option<Range<usize>>, key: &str, message: impl Into<String>) -> ConfigError {
+    fn err(
+        &self,
+        span: Option<Range<usize>>,
+        key: &str,
+        message: impl Into<String>,
+    ) -> ConfigError {
         ConfigError {
             file: self.file.to_string(),
             position: span.map(|s| line_col(self.text, s.start)),
@@ -328,23 +338,39 @@ impl Locator<'_> {
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let col = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
+    let col = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
     (line, col)
 }
 
-fn parse_socket_addr(loc: &Locator, s: &Spanned<String>, key: &str) -> Result<SocketAddr, ConfigError> {
+fn parse_socket_addr(
+    loc: &Locator,
+    s: &Spanned<String>,
+    key: &str,
+) -> Result<SocketAddr, ConfigError> {
     s.get_ref().parse().map_err(|_| {
         loc.at(
             s,
             key,
-            format!("invalid address \"{}\": expected ip:port, e.g. 127.0.0.1:8443", s.get_ref()),
+            format!(
+                "invalid address \"{}\": expected ip:port, e.g. 127.0.0.1:8443",
+                s.get_ref()
+            ),
         )
     })
 }
 
 fn check_endpoint(loc: &Locator, s: &Spanned<String>, key: &str) -> Result<(), ConfigError> {
     let v = s.get_ref();
-    let bad = || loc.at(s, key, format!("invalid endpoint \"{v}\": expected host:port, e.g. 10.0.0.7:50051"));
+    let bad = || {
+        loc.at(
+            s,
+            key,
+            format!("invalid endpoint \"{v}\": expected host:port, e.g. 10.0.0.7:50051"),
+        )
+    };
     if v.parse::<SocketAddr>().is_ok() {
         return Ok(());
     }
@@ -368,16 +394,23 @@ fn read_pem_certs(
     let data = std::fs::read(&path)
         .map_err(|e| loc.at(s, key, format!("cannot read {}: {e}", path.display())))?;
     let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut data.as_slice()).collect();
-    let certs = certs.map_err(|e| loc.at(s, key, format!("invalid PEM in {}: {e}", path.display())))?;
+    let certs =
+        certs.map_err(|e| loc.at(s, key, format!("invalid PEM in {}: {e}", path.display())))?;
     if certs.is_empty() {
-        return Err(loc.at(s, key, format!("no certificate found in {}", path.display())));
+        return Err(loc.at(
+            s,
+            key,
+            format!("no certificate found in {}", path.display()),
+        ));
     }
     Ok((path, certs))
 }
 
 fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, ConfigError> {
     let admin = match &raw.admin {
-        Some(a) => Some(AdminConfig { listen: parse_socket_addr(loc, &a.listen, "admin.listen")? }),
+        Some(a) => Some(AdminConfig {
+            listen: parse_socket_addr(loc, &a.listen, "admin.listen")?,
+        }),
         None => None,
     };
 
@@ -390,10 +423,18 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
             return Err(loc.at(&c.name, &key("name"), "cluster name must not be empty"));
         }
         if !cluster_names.insert(name.clone()) {
-            return Err(loc.at(&c.name, &key("name"), format!("duplicate cluster name \"{name}\"")));
+            return Err(loc.at(
+                &c.name,
+                &key("name"),
+                format!("duplicate cluster name \"{name}\""),
+            ));
         }
         if c.endpoints.get_ref().is_empty() {
-            return Err(loc.at(&c.endpoints, &key("endpoints"), format!("cluster \"{name}\" has no endpoints")));
+            return Err(loc.at(
+                &c.endpoints,
+                &key("endpoints"),
+                format!("cluster \"{name}\" has no endpoints"),
+            ));
         }
         let mut seen = HashSet::new();
         let mut endpoints = Vec::new();
@@ -409,11 +450,21 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
             None => None,
             Some(h) => {
                 let hk = |k: &str| key(&format!("health_check.{k}"));
-                let interval = h.interval.as_ref().map_or(Duration::from_secs(5), |d| d.get_ref().0);
-                let timeout = h.timeout.as_ref().map_or(Duration::from_secs(1), |d| d.get_ref().0);
+                let interval = h
+                    .interval
+                    .as_ref()
+                    .map_or(Duration::from_secs(5), |d| d.get_ref().0);
+                let timeout = h
+                    .timeout
+                    .as_ref()
+                    .map_or(Duration::from_secs(1), |d| d.get_ref().0);
                 if let Some(d) = &h.interval {
                     if interval.is_zero() {
-                        return Err(loc.at(d, &hk("interval"), "interval must be greater than zero"));
+                        return Err(loc.at(
+                            d,
+                            &hk("interval"),
+                            "interval must be greater than zero",
+                        ));
                     }
                 }
                 if let Some(d) = &h.timeout {
@@ -431,7 +482,11 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
                 Some(HealthCheckConfig {
                     interval,
                     timeout,
-                    unhealthy_threshold: threshold(&h.unhealthy_threshold, "unhealthy_threshold", 2)?,
+                    unhealthy_threshold: threshold(
+                        &h.unhealthy_threshold,
+                        "unhealthy_threshold",
+                        2,
+                    )?,
                     healthy_threshold: threshold(&h.healthy_threshold, "healthy_threshold", 1)?,
                     service: h.service.clone(),
                 })
@@ -439,7 +494,11 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
         };
         let connect_timeout = match &c.connect_timeout {
             Some(d) if d.get_ref().0.is_zero() => {
-                return Err(loc.at(d, &key("connect_timeout"), "connect_timeout must be greater than zero"))
+                return Err(loc.at(
+                    d,
+                    &key("connect_timeout"),
+                    "connect_timeout must be greater than zero",
+                ))
             }
             Some(d) => d.get_ref().0,
             None => DEFAULT_CONNECT_TIMEOUT,
@@ -469,11 +528,19 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
             return Err(loc.at(&l.name, &key("name"), "listener name must not be empty"));
         }
         if !listener_names.insert(name.clone()) {
-            return Err(loc.at(&l.name, &key("name"), format!("duplicate listener name \"{name}\"")));
+            return Err(loc.at(
+                &l.name,
+                &key("name"),
+                format!("duplicate listener name \"{name}\""),
+            ));
         }
         let listen = parse_socket_addr(loc, &l.listen, &key("listen"))?;
         if listen.port() != 0 && !addrs.insert(listen) {
-            return Err(loc.at(&l.listen, &key("listen"), format!("address {listen} is already used by another listener or the admin server")));
+            return Err(loc.at(
+                &l.listen,
+                &key("listen"),
+                format!("address {listen} is already used by another listener or the admin server"),
+            ));
         }
         let tls = match &l.tls {
             None => None,
@@ -481,11 +548,27 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
                 let (cert, cert_chain) = read_pem_certs(loc, &t.cert, &key("tls.cert"), base)?;
                 let key_path = base.join(t.key.get_ref());
                 let data = std::fs::read(&key_path).map_err(|e| {
-                    loc.at(&t.key, &key("tls.key"), format!("cannot read {}: {e}", key_path.display()))
+                    loc.at(
+                        &t.key,
+                        &key("tls.key"),
+                        format!("cannot read {}: {e}", key_path.display()),
+                    )
                 })?;
                 let private_key = rustls_pemfile::private_key(&mut data.as_slice())
-                    .map_err(|e| loc.at(&t.key, &key("tls.key"), format!("invalid PEM in {}: {e}", key_path.display())))?
-                    .ok_or_else(|| loc.at(&t.key, &key("tls.key"), format!("no private key found in {}", key_path.display())))?;
+                    .map_err(|e| {
+                        loc.at(
+                            &t.key,
+                            &key("tls.key"),
+                            format!("invalid PEM in {}: {e}", key_path.display()),
+                        )
+                    })?
+                    .ok_or_else(|| {
+                        loc.at(
+                            &t.key,
+                            &key("tls.key"),
+                            format!("no private key found in {}", key_path.display()),
+                        )
+                    })?;
                 let (client_ca, client_ca_certs) = match &t.client_ca {
                     Some(ca) => {
                         let (p, certs) = read_pem_certs(loc, ca, &key("tls.client_ca"), base)?;
@@ -502,8 +585,13 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
                     client_ca_certs,
                 };
                 // Build the rustls config now so a key that does not match the certificate fails at load time.
-                crate::listener::server_tls_config(&cfg)
-                    .map_err(|e| loc.at(&t.cert, &key("tls"), format!("unusable certificate/key: {e}")))?;
+                crate::listener::server_tls_config(&cfg).map_err(|e| {
+                    loc.at(
+                        &t.cert,
+                        &key("tls"),
+                        format!("unusable certificate/key: {e}"),
+                    )
+                })?;
                 Some(cfg)
             }
         };
@@ -512,11 +600,22 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
             let rk = |k: &str| key(&format!("routes[{j}].{k}"));
             let cluster = r.cluster.get_ref().clone();
             if !cluster_names.contains(&cluster) {
-                return Err(loc.at(&r.cluster, &rk("cluster"), format!("route refers to unknown cluster \"{cluster}\"")));
+                return Err(loc.at(
+                    &r.cluster,
+                    &rk("cluster"),
+                    format!("route refers to unknown cluster \"{cluster}\""),
+                ));
             }
             if let Some(s) = &r.service {
                 if s.get_ref().is_empty() || s.get_ref().contains('/') {
-                    return Err(loc.at(s, &rk("service"), format!("invalid service name \"{}\": expected e.g. \"package.Service\"", s.get_ref())));
+                    return Err(loc.at(
+                        s,
+                        &rk("service"),
+                        format!(
+                            "invalid service name \"{}\": expected e.g. \"package.Service\"",
+                            s.get_ref()
+                        ),
+                    ));
                 }
             }
             if let Some(m) = &r.method {
@@ -524,7 +623,11 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
                     return Err(loc.at(m, &rk("method"), "method needs service to be set as well"));
                 }
                 if m.get_ref().is_empty() || m.get_ref().contains('/') {
-                    return Err(loc.at(m, &rk("method"), format!("invalid method name \"{}\"", m.get_ref())));
+                    return Err(loc.at(
+                        m,
+                        &rk("method"),
+                        format!("invalid method name \"{}\"", m.get_ref()),
+                    ));
                 }
             }
             let timeout = match &r.timeout {
@@ -543,12 +646,22 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
         }
         let max_concurrent_streams = match &l.max_concurrent_streams {
             Some(v) if *v.get_ref() == 0 => {
-                return Err(loc.at(v, &key("max_concurrent_streams"), "max_concurrent_streams must be at least 1"))
+                return Err(loc.at(
+                    v,
+                    &key("max_concurrent_streams"),
+                    "max_concurrent_streams must be at least 1",
+                ))
             }
             Some(v) => *v.get_ref(),
             None => DEFAULT_MAX_CONCURRENT_STREAMS,
         };
-        listeners.push(ListenerConfig { name, listen, tls, routes, max_concurrent_streams });
+        listeners.push(ListenerConfig {
+            name,
+            listen,
+            tls,
+            routes,
+            max_concurrent_streams,
+        });
     }
 
     Ok(Config {
@@ -556,7 +669,9 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
         admin,
         listeners,
         clusters,
-        drain_timeout: raw.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.into_inner().0),
+        drain_timeout: raw
+            .drain_timeout
+            .map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.into_inner().0),
     })
 }
 
@@ -590,7 +705,10 @@ endpoints = ["127.0.0.1:50051", "localhost:50052"]
     #[test]
     fn parses_good_config() {
         let c = parse(GOOD).unwrap();
-        assert_eq!(c.listeners[0].routes[0].timeout, Some(Duration::from_secs(10)));
+        assert_eq!(
+            c.listeners[0].routes[0].timeout,
+            Some(Duration::from_secs(10))
+        );
         assert_eq!(c.clusters[0].endpoints.len(), 2);
     }
 
@@ -608,7 +726,12 @@ endpoints = ["127.0.0.1:50051", "localhost:50052"]
     fn unknown_key_is_an_error() {
         let text = GOOD.replace("timeout = \"10s\"", "timeot = \"10s\"");
         let e = parse(&text).unwrap_err().to_string();
-        assert!(e.starts_with("x.toml:12:1: listeners[0].routes[0].timeot: unknown key `timeot`, expected one of"), "{e}");
+        assert!(
+            e.starts_with(
+                "x.toml:12:1: listeners[0].routes[0].timeot: unknown key `timeot`, expected one of"
+            ),
+            "{e}"
+        );
     }
 
     #[test]
@@ -620,10 +743,20 @@ endpoints = ["127.0.0.1:50051", "localhost:50052"]
 
     #[test]
     fn bad_endpoint_and_duration() {
-        let e = parse(&GOOD.replace("localhost:50052", "localhost")).unwrap_err().to_string();
-        assert!(e.starts_with("x.toml:17:33: clusters[0].endpoints[1]: invalid endpoint"), "{e}");
-        let e = parse(&GOOD.replace("\"10s\"", "\"10\"")).unwrap_err().to_string();
-        assert!(e.contains("listeners[0].routes[0].timeout: invalid duration \"10\""), "{e}");
+        let e = parse(&GOOD.replace("localhost:50052", "localhost"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("x.toml:17:33: clusters[0].endpoints[1]: invalid endpoint"),
+            "{e}"
+        );
+        let e = parse(&GOOD.replace("\"10s\"", "\"10\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("listeners[0].routes[0].timeout: invalid duration \"10\""),
+            "{e}"
+        );
     }
 
     #[test]

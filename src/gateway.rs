@@ -54,7 +54,11 @@ impl Gateway {
             .collect();
         let shared = Arc::new(Shared {
             metrics: metrics.clone(),
-            clusters: config.clusters.iter().map(|c| clusters[&c.name].clone()).collect(),
+            clusters: config
+                .clusters
+                .iter()
+                .map(|c| clusters[&c.name].clone())
+                .collect(),
             draining: AtomicBool::new(false),
         });
         let shutdown = CancellationToken::new();
@@ -64,7 +68,8 @@ impl Gateway {
         let mut bound = Vec::new();
         for l in &config.listeners {
             let router = Arc::new(ArcSwap::from_pointee(Router::new(l, &clusters, &metrics)));
-            let listener = Listener::bind(l, router, metrics.downstream_connections(&l.name)).await?;
+            let listener =
+                Listener::bind(l, router, metrics.downstream_connections(&l.name)).await?;
             bound.push(listener);
         }
         let admin_addr = match &config.admin {
@@ -77,12 +82,22 @@ impl Gateway {
             listeners.push((l.name.clone(), l.local_addr));
             tokio::spawn(l.serve(shutdown.clone(), connections.clone()));
         }
-        Ok(Gateway { shared, listeners, admin_addr, shutdown, admin_shutdown, connections })
+        Ok(Gateway {
+            shared,
+            listeners,
+            admin_addr,
+            shutdown,
+            admin_shutdown,
+            connections,
+        })
     }
 
     /// The bound address of a listener (useful with port 0).
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| a.to_owned())
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| a.to_owned())
     }
 
     /// The bound address of the admin server, if one is configured.
@@ -107,9 +122,14 @@ impl Gateway {
         self.shared.draining.store(true, Ordering::Relaxed);
         self.shutdown.cancel();
         self.connections.close();
-        let drained = tokio::time::timeout(drain_timeout, self.connections.wait()).await.is_ok();
+        let drained = tokio::time::timeout(drain_timeout, self.connections.wait())
+            .await
+            .is_ok();
         if !drained {
-            tracing::warn!(timeout_ms = drain_timeout.as_millis() as u64, "drain timeout reached with calls still in flight");
+            tracing::warn!(
+                timeout_ms = drain_timeout.as_millis() as u64,
+                "drain timeout reached with calls still in flight"
+            );
         }
         self.admin_shutdown.cancel();
         drained

@@ -95,7 +95,8 @@ impl Code {
     /// The `grpc-status` header value for this code.
     pub fn header_value(self) -> HeaderValue {
         const DIGITS: [&str; CODE_COUNT] = [
-            "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+            "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15",
+            "16",
         ];
         HeaderValue::from_static(DIGITS[self as usize])
     }
@@ -117,7 +118,10 @@ pub struct Status {
 
 impl Status {
     pub fn new(code: Code, message: impl Into<String>) -> Status {
-        Status { code, message: message.into() }
+        Status {
+            code,
+            message: message.into(),
+        }
     }
 
     /// Adds `grpc-status` and the percent-encoded `grpc-message` to a header map.
@@ -156,7 +160,9 @@ pub fn encode_message(msg: &str) -> String {
 
 /// Decodes a `grpc-message` value.
 pub fn decode_message(v: &HeaderValue) -> String {
-    percent_encoding::percent_decode(v.as_bytes()).decode_utf8_lossy().into_owned()
+    percent_encoding::percent_decode(v.as_bytes())
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Parses a `grpc-timeout` value ("1S", "250m", "100u", "2H"...). Up to 8 digits and a unit, per the spec.
@@ -234,7 +240,10 @@ pub fn is_grpc_content_type(v: Option<&HeaderValue>) -> bool {
     v.is_some_and(|v| {
         let b = v.as_bytes();
         b.starts_with(b"application/grpc")
-            && matches!(b.get(b"application/grpc".len()), None | Some(b'+') | Some(b';'))
+            && matches!(
+                b.get(b"application/grpc".len()),
+                None | Some(b'+') | Some(b';')
+            )
     })
 }
 
@@ -255,7 +264,10 @@ mod tests {
         assert_eq!(encode_timeout(Duration::from_nanos(1500)), "1500n");
         assert_eq!(encode_timeout(Duration::from_secs(10)), "10000000u");
         assert_eq!(encode_timeout(Duration::from_secs(1000)), "1000000m");
-        assert_eq!(parse_timeout(&encode_timeout(Duration::from_secs(7 * 86400))), Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(
+            parse_timeout(&encode_timeout(Duration::from_secs(7 * 86400))),
+            Some(Duration::from_secs(7 * 86400))
+        );
     }
 
     #[test]
@@ -263,17 +275,33 @@ mod tests {
         assert_eq!(encode_message("no route for /a.B/C"), "no route for /a.B/C");
         assert_eq!(encode_message("100% \n"), "100%25 %0A");
         assert_eq!(encode_message("é"), "%C3%A9");
-        assert_eq!(decode_message(&HeaderValue::from_static("100%25 %0A")), "100% \n");
+        assert_eq!(
+            decode_message(&HeaderValue::from_static("100%25 %0A")),
+            "100% \n"
+        );
     }
 
     #[test]
     fn codes() {
         assert_eq!(Code::from_i32(14), Code::Unavailable);
         assert_eq!(Code::from_i32(99), Code::Unknown);
-        assert_eq!(Code::from_header(&HeaderValue::from_static("4")), Code::DeadlineExceeded);
-        assert_eq!(code_for_reason(h2::Reason::REFUSED_STREAM), Code::Unavailable);
-        assert_eq!(code_for_http_status(StatusCode::BAD_GATEWAY), Code::Unavailable);
-        assert!(is_grpc_content_type(Some(&HeaderValue::from_static("application/grpc+proto"))));
-        assert!(!is_grpc_content_type(Some(&HeaderValue::from_static("application/grpcx"))));
+        assert_eq!(
+            Code::from_header(&HeaderValue::from_static("4")),
+            Code::DeadlineExceeded
+        );
+        assert_eq!(
+            code_for_reason(h2::Reason::REFUSED_STREAM),
+            Code::Unavailable
+        );
+        assert_eq!(
+            code_for_http_status(StatusCode::BAD_GATEWAY),
+            Code::Unavailable
+        );
+        assert!(is_grpc_content_type(Some(&HeaderValue::from_static(
+            "application/grpc+proto"
+        ))));
+        assert!(!is_grpc_content_type(Some(&HeaderValue::from_static(
+            "application/grpcx"
+        ))));
     }
 }

@@ -46,11 +46,14 @@ pub fn server_tls_config(tls: &TlsConfig) -> Result<rustls::ServerConfig, String
     } else {
         let mut roots = rustls::RootCertStore::empty();
         for c in &tls.client_ca_certs {
-            roots.add(c.clone()).map_err(|e| format!("bad client CA certificate: {e}"))?;
+            roots
+                .add(c.clone())
+                .map_err(|e| format!("bad client CA certificate: {e}"))?;
         }
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-            .build()
-            .map_err(|e| e.to_string())?;
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| e.to_string())?;
         builder.with_client_cert_verifier(verifier)
     };
     let mut config = builder
@@ -78,9 +81,15 @@ impl Listener {
         router: Arc<ArcSwap<Router>>,
         connections: IntGauge,
     ) -> io::Result<Listener> {
-        let tcp = TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| io::Error::new(e.kind(), format!("listener \"{}\": cannot bind {}: {e}", config.name, config.listen)))?;
+        let tcp = TcpListener::bind(config.listen).await.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "listener \"{}\": cannot bind {}: {e}",
+                    config.name, config.listen
+                ),
+            )
+        })?;
         let tls = match &config.tls {
             Some(t) => Some(TlsAcceptor::from(Arc::new(
                 server_tls_config(t).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
@@ -130,7 +139,12 @@ impl Listener {
         tracing::info!(listener = %this.name, "stopped accepting");
     }
 
-    async fn serve_connection(&self, tcp: TcpStream, peer: SocketAddr, shutdown: CancellationToken) -> Result<(), String> {
+    async fn serve_connection(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Result<(), String> {
         match &self.tls {
             None => self.serve_h2(tcp, peer, shutdown).await,
             Some(acceptor) => {
@@ -143,7 +157,12 @@ impl Listener {
         }
     }
 
-    async fn serve_h2<IO>(&self, mut io: IO, peer: SocketAddr, shutdown: CancellationToken) -> Result<(), String>
+    async fn serve_h2<IO>(
+        &self,
+        mut io: IO,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Result<(), String>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -152,7 +171,10 @@ impl Listener {
         let mut n = 0;
         let read_preface = async {
             while n < PREFACE.len() {
-                let m = io.read(&mut prefix[n..]).await.map_err(|e| format!("read failed: {e}"))?;
+                let m = io
+                    .read(&mut prefix[n..])
+                    .await
+                    .map_err(|e| format!("read failed: {e}"))?;
                 if m == 0 {
                     return Err("closed before sending the HTTP/2 preface".to_string());
                 }
@@ -167,20 +189,29 @@ impl Listener {
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_preface).await {
             Err(_) => return Err("no HTTP/2 preface within 10s".into()),
             Ok(Err(e)) if e == "not HTTP/2" => {
-                let what = if prefix[..n].windows(5).any(|w| w == b"HTTP/") { "an HTTP/1.x request" } else { "not HTTP/2" };
+                let what = if prefix[..n].windows(5).any(|w| w == b"HTTP/") {
+                    "an HTTP/1.x request"
+                } else {
+                    "not HTTP/2"
+                };
                 const BODY: &str = "grpcgate serves gRPC over HTTP/2 only (TLS with ALPN h2, or h2c with prior knowledge)\n";
                 let resp = format!(
                     "HTTP/1.1 505 HTTP Version Not Supported\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
                     BODY.len()
                 );
-                let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(resp.as_bytes())).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(resp.as_bytes()))
+                    .await;
                 let _ = io.shutdown().await;
                 return Err(format!("{what}; answered 505"));
             }
             Ok(Err(e)) => return Err(e),
             Ok(Ok(())) => {}
         }
-        let io = Prefixed { prefix: PREFACE, pos: 0, io };
+        let io = Prefixed {
+            prefix: PREFACE,
+            pos: 0,
+            io,
+        };
         let mut conn = h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -226,7 +257,11 @@ struct Prefixed<IO> {
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if self.pos < self.prefix.len() {
             let rest = &self.prefix[self.pos..];
             let n = rest.len().min(buf.remaining());
@@ -239,10 +274,18 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
 }
 
 impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {

@@ -31,12 +31,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if cli.command.is_some() { "warn" } else { "info" })),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(if cli.command.is_some() {
+                    "warn"
+                } else {
+                    "info"
+                })
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
 
     if let Some(Command::Demo(args)) = cli.command {
         return match runtime.block_on(demo::run(args)) {
@@ -84,7 +92,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
             _ = hup.recv() => tracing::warn!("SIGHUP received: config reload is not implemented yet; keeping the running config"),
         }
     }
-    tracing::info!(drain_timeout_ms = drain_timeout.as_millis() as u64, "shutting down: draining connections");
+    tracing::info!(
+        drain_timeout_ms = drain_timeout.as_millis() as u64,
+        "shutting down: draining connections"
+    );
     let drained = gateway.shutdown(drain_timeout).await;
     tracing::info!(drained, "stopped");
     Ok(())

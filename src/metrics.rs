@@ -6,15 +6,16 @@
 use std::sync::{Arc, OnceLock};
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::grpc::{Code, CODE_COUNT};
 
 /// Latency buckets for gRPC calls, from sub-millisecond unary calls to long streams.
 const DURATION_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
 ];
 
 /// Every metric grpcgate exports, registered in one registry per gateway.
@@ -33,7 +34,10 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("grpcgate_requests_total", "gRPC calls handled, by final grpc-status."),
+            Opts::new(
+                "grpcgate_requests_total",
+                "gRPC calls handled, by final grpc-status.",
+            ),
             &["listener", "cluster", "endpoint", "grpc_status"],
         )
         .expect("valid metric");
@@ -47,33 +51,59 @@ impl Metrics {
         )
         .expect("valid metric");
         let in_flight = IntGaugeVec::new(
-            Opts::new("grpcgate_endpoint_in_flight", "Calls in flight to an endpoint through this proxy."),
+            Opts::new(
+                "grpcgate_endpoint_in_flight",
+                "Calls in flight to an endpoint through this proxy.",
+            ),
             &["cluster", "endpoint"],
         )
         .expect("valid metric");
         let healthy = IntGaugeVec::new(
-            Opts::new("grpcgate_endpoint_healthy", "1 if the endpoint may receive calls, 0 if not."),
+            Opts::new(
+                "grpcgate_endpoint_healthy",
+                "1 if the endpoint may receive calls, 0 if not.",
+            ),
             &["cluster", "endpoint"],
         )
         .expect("valid metric");
         let health_checks = IntCounterVec::new(
-            Opts::new("grpcgate_health_checks_total", "Active health checks, by result."),
+            Opts::new(
+                "grpcgate_health_checks_total",
+                "Active health checks, by result.",
+            ),
             &["cluster", "endpoint", "result"],
         )
         .expect("valid metric");
         let downstream_connections = IntGaugeVec::new(
-            Opts::new("grpcgate_downstream_connections_active", "Open client connections."),
+            Opts::new(
+                "grpcgate_downstream_connections_active",
+                "Open client connections.",
+            ),
             &["listener"],
         )
         .expect("valid metric");
         for c in [&requests, &health_checks] {
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
         }
         for g in [&in_flight, &healthy, &downstream_connections] {
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
         }
-        registry.register(Box::new(duration.clone())).expect("unique metric");
-        Arc::new(Metrics { registry, requests, duration, in_flight, healthy, health_checks, downstream_connections })
+        registry
+            .register(Box::new(duration.clone()))
+            .expect("unique metric");
+        Arc::new(Metrics {
+            registry,
+            requests,
+            duration,
+            in_flight,
+            healthy,
+            health_checks,
+            downstream_connections,
+        })
     }
 
     /// The Prometheus text exposition of every metric.
@@ -87,10 +117,19 @@ impl Metrics {
 
     /// Per-status request counters for one (listener, cluster, endpoint); empty strings where a call never
     /// got that far (no route, no endpoint).
-    pub fn request_counters(&self, listener: &str, cluster: &str, endpoint: &str) -> StatusCounters {
+    pub fn request_counters(
+        &self,
+        listener: &str,
+        cluster: &str,
+        endpoint: &str,
+    ) -> StatusCounters {
         StatusCounters {
             vec: self.requests.clone(),
-            labels: [listener.to_string(), cluster.to_string(), endpoint.to_string()],
+            labels: [
+                listener.to_string(),
+                cluster.to_string(),
+                endpoint.to_string(),
+            ],
             slots: std::array::from_fn(|_| OnceLock::new()),
         }
     }
@@ -112,7 +151,8 @@ impl Metrics {
 
     /// The health-check counter of an endpoint for one result (`success`, `failure`, ...).
     pub fn health_checks(&self, cluster: &str, endpoint: &str, result: &str) -> IntCounter {
-        self.health_checks.with_label_values(&[cluster, endpoint, result])
+        self.health_checks
+            .with_label_values(&[cluster, endpoint, result])
     }
 
     /// The open-connections gauge of a listener.

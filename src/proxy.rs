@@ -26,12 +26,20 @@ use crate::router::{Route, Router};
 use crate::upstream::Lease;
 
 /// Serves one downstream HTTP/2 stream to completion and records its metrics.
-pub async fn serve_stream(router: Arc<Router>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+pub async fn serve_stream(
+    router: Arc<Router>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
     let start = Instant::now();
     let Some(route) = router.route(req.uri().path()) else {
         let status = Status::new(
             Code::Unimplemented,
-            format!("grpcgate: no route for {} on listener \"{}\"", req.uri().path(), router.listener),
+            format!(
+                "grpcgate: no route for {} on listener \"{}\"",
+                req.uri().path(),
+                router.listener
+            ),
         );
         reply(&mut respond, &status);
         router.no_route.inc(status.code);
@@ -43,7 +51,10 @@ pub async fn serve_stream(router: Arc<Router>, req: Request<RecvStream>, mut res
         None => route.unrouted_counters(),
     };
     counters.inc(code);
-    route.cluster.duration.observe(start.elapsed().as_secs_f64());
+    route
+        .cluster
+        .duration
+        .observe(start.elapsed().as_secs_f64());
 }
 
 /// Sends a trailers-only response with a status the proxy produced.
@@ -60,7 +71,10 @@ async fn forward(
     start: Instant,
 ) -> (Option<usize>, Code) {
     let cluster = &route.cluster;
-    let client_timeout = req.headers().get(&GRPC_TIMEOUT).and_then(grpc::parse_timeout);
+    let client_timeout = req
+        .headers()
+        .get(&GRPC_TIMEOUT)
+        .and_then(grpc::parse_timeout);
     let budget = match (route.timeout, client_timeout) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -72,7 +86,10 @@ async fn forward(
     let deadline_status = || {
         Status::new(
             Code::DeadlineExceeded,
-            format!("grpcgate: deadline of {}ms exceeded", budget.unwrap_or_default().as_millis()),
+            format!(
+                "grpcgate: deadline of {}ms exceeded",
+                budget.unwrap_or_default().as_millis()
+            ),
         )
     };
 
@@ -98,18 +115,21 @@ async fn forward(
     strip_hop_by_hop(&mut parts.headers);
     if let Some(d) = deadline {
         let remaining = d.saturating_duration_since(Instant::now());
-        parts.headers.insert(GRPC_TIMEOUT.clone(), grpc::encode_timeout(remaining));
+        parts
+            .headers
+            .insert(GRPC_TIMEOUT.clone(), grpc::encode_timeout(remaining));
     }
     parts.uri = upstream_uri(std::mem::take(&mut parts.uri), endpoint);
-    let (resp_fut, mut up_send) = match sender.send_request(Request::from_parts(parts, ()), end_of_stream) {
-        Ok(x) => x,
-        Err(e) => {
-            lease.discard();
-            let status = upstream_error_status(&e, endpoint);
-            reply(respond, &status);
-            return (Some(idx), status.code);
-        }
-    };
+    let (resp_fut, mut up_send) =
+        match sender.send_request(Request::from_parts(parts, ()), end_of_stream) {
+            Ok(x) => x,
+            Err(e) => {
+                lease.discard();
+                let status = upstream_error_status(&e, endpoint);
+                reply(respond, &status);
+                return (Some(idx), status.code);
+            }
+        };
 
     let mut req_pump = pin!(Pump::new(&mut down_body, &mut up_send, None));
     let mut req_done = end_of_stream;
@@ -147,7 +167,10 @@ async fn forward(
     if head.status != StatusCode::OK {
         let status = Status::new(
             grpc::code_for_http_status(head.status),
-            format!("grpcgate: upstream {} answered HTTP {} instead of gRPC", endpoint.address, head.status),
+            format!(
+                "grpcgate: upstream {} answered HTTP {} instead of gRPC",
+                endpoint.address, head.status
+            ),
         );
         reply(respond, &status);
         return (Some(idx), status.code);
@@ -165,7 +188,10 @@ async fn forward(
     // Phase 2: stream the response body and trailers (while the request body may still flow, for bidi).
     let missing_status = Status::new(
         Code::Internal,
-        format!("grpcgate: upstream {} ended the response without grpc-status", endpoint.address),
+        format!(
+            "grpcgate: upstream {} ended the response without grpc-status",
+            endpoint.address
+        ),
     );
     enum End {
         Done(Result<Option<Code>, PumpError>),
@@ -173,7 +199,11 @@ async fn forward(
         Deadline,
     }
     let end = {
-        let mut resp_pump = pin!(Pump::new(&mut up_body, &mut down_send, Some(missing_status.to_trailers())));
+        let mut resp_pump = pin!(Pump::new(
+            &mut up_body,
+            &mut down_send,
+            Some(missing_status.to_trailers())
+        ));
         loop {
             tokio::select! {
                 r = &mut resp_pump => break End::Done(r),
@@ -206,10 +236,18 @@ async fn forward(
 
 /// Picks an endpoint and a stream slot on a ready connection to it. A connect failure moves on to the
 /// next healthy endpoint (the call has not been sent anywhere yet, so this is always safe).
-async fn acquire(cluster: &Cluster) -> Result<(usize, Lease, h2::client::SendRequest<Bytes>), Status> {
+async fn acquire(
+    cluster: &Cluster,
+) -> Result<(usize, Lease, h2::client::SendRequest<Bytes>), Status> {
     let n = cluster.endpoints.len();
     let first = cluster.pick().ok_or_else(|| {
-        Status::new(Code::Unavailable, format!("grpcgate: no healthy endpoint in cluster \"{}\"", cluster.name))
+        Status::new(
+            Code::Unavailable,
+            format!(
+                "grpcgate: no healthy endpoint in cluster \"{}\"",
+                cluster.name
+            ),
+        )
     })?;
     let mut last_error = String::new();
     for k in 0..n {
@@ -238,7 +276,10 @@ async fn acquire(cluster: &Cluster) -> Result<(usize, Lease, h2::client::SendReq
     }
     Err(Status::new(
         Code::Unavailable,
-        format!("grpcgate: no endpoint of cluster \"{}\" is reachable: {last_error}", cluster.name),
+        format!(
+            "grpcgate: no endpoint of cluster \"{}\" is reachable: {last_error}",
+            cluster.name
+        ),
     ))
 }
 
@@ -257,7 +298,10 @@ fn upstream_error_status(e: &h2::Error, endpoint: &Endpoint) -> Status {
             format!("grpcgate: upstream {address} reset the stream ({reason:?})"),
         );
     }
-    Status::new(Code::Unavailable, format!("grpcgate: connection to upstream {address} failed: {e}"))
+    Status::new(
+        Code::Unavailable,
+        format!("grpcgate: connection to upstream {address} failed: {e}"),
+    )
 }
 
 /// Headers that describe one HTTP hop and must not be forwarded (RFC 9110 §7.6.1, RFC 9113 §8.2.2).
@@ -265,7 +309,13 @@ fn upstream_error_status(e: &h2::Error, endpoint: &Endpoint) -> Status {
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
     static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-    for name in [&CONNECTION, &TRANSFER_ENCODING, &UPGRADE, &KEEP_ALIVE, &PROXY_CONNECTION] {
+    for name in [
+        &CONNECTION,
+        &TRANSFER_ENCODING,
+        &UPGRADE,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+    ] {
         headers.remove(name);
     }
     if headers.get(TE).is_some_and(|v| v != "trailers") {
@@ -322,8 +372,18 @@ struct Pump<'a> {
 }
 
 impl<'a> Pump<'a> {
-    fn new(src: &'a mut RecvStream, dst: &'a mut SendStream<Bytes>, missing_trailers: Option<HeaderMap>) -> Self {
-        Pump { src, dst, pending: None, state: PumpState::Data, missing_trailers }
+    fn new(
+        src: &'a mut RecvStream,
+        dst: &'a mut SendStream<Bytes>,
+        missing_trailers: Option<HeaderMap>,
+    ) -> Self {
+        Pump {
+            src,
+            dst,
+            pending: None,
+            state: PumpState::Data,
+            missing_trailers,
+        }
     }
 }
 

@@ -41,7 +41,11 @@ pub struct Router {
 
 impl Router {
     /// Builds the routes of a listener against the gateway's clusters.
-    pub fn new(config: &ListenerConfig, clusters: &HashMap<String, Arc<Cluster>>, metrics: &Metrics) -> Router {
+    pub fn new(
+        config: &ListenerConfig,
+        clusters: &HashMap<String, Arc<Cluster>>,
+        metrics: &Metrics,
+    ) -> Router {
         let mut counters_by_cluster: HashMap<&str, Arc<[StatusCounters]>> = HashMap::new();
         let routes = config
             .routes
@@ -88,7 +92,8 @@ impl Router {
 pub fn split_path(path: &str) -> Option<(&str, &str)> {
     let rest = path.strip_prefix('/')?;
     let (service, method) = rest.split_once('/')?;
-    (!service.is_empty() && !method.is_empty() && !method.contains('/')).then_some((service, method))
+    (!service.is_empty() && !method.is_empty() && !method.contains('/'))
+        .then_some((service, method))
 }
 
 #[cfg(test)]

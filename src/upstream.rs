@@ -29,7 +29,10 @@ const BACKOFF_CAP: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub enum ConnectError {
     /// The last connect failed and the endpoint is backing off until the next attempt.
-    BackingOff { last_error: String, retry_in: Duration },
+    BackingOff {
+        last_error: String,
+        retry_in: Duration,
+    },
     /// This attempt failed.
     Failed(String),
 }
@@ -37,8 +40,15 @@ pub enum ConnectError {
 impl fmt::Display for ConnectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConnectError::BackingOff { last_error, retry_in } => {
-                write!(f, "{last_error} (next connect attempt in {}ms)", retry_in.as_millis())
+            ConnectError::BackingOff {
+                last_error,
+                retry_in,
+            } => {
+                write!(
+                    f,
+                    "{last_error} (next connect attempt in {}ms)",
+                    retry_in.as_millis()
+                )
             }
             ConnectError::Failed(e) => f.write_str(e),
         }
@@ -108,7 +118,11 @@ impl Pool {
 
     /// Open connections (for the admin page and tests).
     pub fn connections(&self) -> usize {
-        self.conns.lock().iter().filter(|c| !c.closed.load(Ordering::Relaxed)).count()
+        self.conns
+            .lock()
+            .iter()
+            .filter(|c| !c.closed.load(Ordering::Relaxed))
+            .count()
     }
 
     /// A stream slot on a connection with room, opening a connection if none has.
@@ -133,7 +147,9 @@ impl Pool {
             Err(e) => {
                 let mut b = self.backoff.lock();
                 b.failures = b.failures.saturating_add(1);
-                let exp = BACKOFF_BASE.saturating_mul(1 << (b.failures - 1).min(16)).min(BACKOFF_CAP);
+                let exp = BACKOFF_BASE
+                    .saturating_mul(1 << (b.failures - 1).min(16))
+                    .min(BACKOFF_CAP);
                 // Jitter in [exp/2, exp] so endpoints that failed together do not retry together.
                 let delay = exp / 2 + exp.mul_f64(fastrand::f64() / 2.0);
                 b.until = Some(Instant::now() + delay);
@@ -199,7 +215,10 @@ impl Pool {
         let (send, connection) = tokio::time::timeout(self.connect_timeout, attempt)
             .await
             .map_err(|_| {
-                format!("connect to {address} timed out after {}ms", self.connect_timeout.as_millis())
+                format!(
+                    "connect to {address} timed out after {}ms",
+                    self.connect_timeout.as_millis()
+                )
             })??;
         let closed = Arc::new(AtomicBool::new(false));
         let closed2 = closed.clone();
@@ -211,6 +230,10 @@ impl Pool {
             closed2.store(true, Ordering::Relaxed);
         });
         tracing::debug!(endpoint = %address, "upstream connection established");
-        Ok(Arc::new(Conn { send, active: AtomicUsize::new(0), closed }))
+        Ok(Arc::new(Conn {
+            send,
+            active: AtomicUsize::new(0),
+            closed,
+        }))
     }
 }

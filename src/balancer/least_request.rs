@@ -12,7 +12,10 @@ pub struct LeastRequest {
 impl LeastRequest {
     /// A P2C balancer sampling `choices` endpoints per pick (at least 2).
     pub fn new(choices: usize) -> LeastRequest {
-        LeastRequest { choices: choices.max(2), fallback: JoinShortestQueue::default() }
+        LeastRequest {
+            choices: choices.max(2),
+            fallback: JoinShortestQueue::default(),
+        }
     }
 }
 
@@ -28,7 +31,11 @@ impl Balance for LeastRequest {
         let first = fastrand::usize(..n);
         for k in 0..self.choices.min(n) {
             // Distinct samples: the first at random, the rest at random offsets that skip it.
-            let i = if k == 0 { first } else { (first + 1 + fastrand::usize(..n - 1)) % n };
+            let i = if k == 0 {
+                first
+            } else {
+                (first + 1 + fastrand::usize(..n - 1)) % n
+            };
             let e = &endpoints[i];
             if !e.is_healthy() {
                 continue;
@@ -39,6 +46,7 @@ impl Balance for LeastRequest {
             }
         }
         // Every sample unhealthy: fall back to a full scan so a healthy endpoint is never missed.
-        best.map(|(i, _)| i).or_else(|| self.fallback.pick(endpoints))
+        best.map(|(i, _)| i)
+            .or_else(|| self.fallback.pick(endpoints))
     }
 }

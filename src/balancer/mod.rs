@@ -110,7 +110,11 @@ impl Cluster {
     pub fn new(config: &ClusterConfig, metrics: &Metrics) -> Cluster {
         Cluster {
             name: config.name.clone(),
-            endpoints: config.endpoints.iter().map(|a| Arc::new(Endpoint::new(config, a, metrics))).collect(),
+            endpoints: config
+                .endpoints
+                .iter()
+                .map(|a| Arc::new(Endpoint::new(config, a, metrics)))
+                .collect(),
             balancer: build(config.balancer),
             duration: metrics.duration(&config.name),
         }

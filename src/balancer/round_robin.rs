@@ -17,6 +17,8 @@ impl Balance for RoundRobin {
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         // All healthy: the first probe hits. Otherwise skip ahead to the next healthy endpoint.
-        (0..n).map(|k| (start.wrapping_add(k)) % n).find(|&i| endpoints[i].is_healthy())
+        (0..n)
+            .map(|k| (start.wrapping_add(k)) % n)
+            .find(|&i| endpoints[i].is_healthy())
     }
 }

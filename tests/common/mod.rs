@@ -1,0 +1,140 @@
+//! Shared helpers for the integration tests: real echo backends, a real gateway, real clients.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use grpcgate::echo::EchoBackend;
+use grpcgate::pb::echo::echo_client::EchoClient;
+use grpcgate::{Config, Gateway};
+use tonic::transport::{Channel, Endpoint};
+
+/// Every wait in a test is bounded by this.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Runs a future with the test timeout.
+pub async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(WAIT, f).await.expect("timed out")
+}
+
+/// Starts `n` echo backends named b0, b1, ... with no delay.
+pub async fn backends(n: usize) -> Vec<EchoBackend> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        v.push(
+            EchoBackend::start(&format!("b{i}"), Duration::ZERO)
+                .await
+                .expect("backend"),
+        );
+    }
+    v
+}
+
+/// A config with an admin server, one h2c listener "edge" on a free port routing everything to
+/// cluster "echo" over `endpoints`; `extra_route` (TOML) is inserted as the listener's first route, and
+/// `cluster_extra` is appended to the cluster table.
+pub fn config_text(
+    endpoints: &[SocketAddr],
+    balancer: &str,
+    route_extra: &str,
+    cluster_extra: &str,
+) -> String {
+    let eps: Vec<String> = endpoints.iter().map(|a| format!("\"{a}\"")).collect();
+    format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+
+[[listeners]]
+name = "edge"
+listen = "127.0.0.1:0"
+
+[[listeners.routes]]
+cluster = "echo"
+{route_extra}
+
+[[clusters]]
+name = "echo"
+balancer = "{balancer}"
+endpoints = [{eps}]
+{cluster_extra}
+"#,
+        eps = eps.join(", ")
+    )
+}
+
+/// Parses config text (panicking with the error) and starts a gateway.
+pub async fn start(text: &str) -> Gateway {
+    let config = Config::parse(text, "test.toml", Path::new(".")).unwrap_or_else(|e| panic!("{e}"));
+    Gateway::start(config).await.expect("gateway start")
+}
+
+/// A gateway in front of `backends` with round robin and no extras.
+pub async fn gateway_for(backends: &[EchoBackend]) -> Gateway {
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    start(&config_text(&addrs, "round_robin", "", "")).await
+}
+
+/// An echo client over one h2c connection to `addr`.
+pub async fn client(addr: SocketAddr) -> EchoClient<Channel> {
+    let ch = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(WAIT)
+        .connect()
+        .await
+        .expect("connect");
+    EchoClient::new(ch)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+/// The client for a gateway's "edge" listener.
+pub async fn edge_client(gw: &Gateway) -> EchoClient<Channel> {
+    client(gw.listener_addr("edge").unwrap()).await
+}
+
+/// Fetches `/metrics` from the gateway's admin server over real HTTP and parses it.
+pub async fn scrape(gw: &Gateway) -> prometheus_parse::Scrape {
+    let (_, body) = http_get(gw.admin_addr().unwrap(), "/metrics").await;
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .expect("valid prometheus text")
+}
+
+/// The value of a sample with exactly these labels (a subset match), or 0 if absent.
+pub fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+/// A minimal HTTP/1.1 GET; returns (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = bounded(tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect admin");
+    let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    bounded(s.read_to_end(&mut buf)).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
