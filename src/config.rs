@@ -84,11 +84,45 @@ impl BalancerKind {
 pub struct ClusterConfig {
     pub name: String,
     pub balancer: BalancerKind,
-    /// `host:port` as written in the config; also the `endpoint` metric label.
-    pub endpoints: Vec<String>,
+    pub endpoints: Vec<EndpointConfig>,
+    /// `least_request`: how many endpoints to sample per pick.
+    pub choice_count: usize,
     pub health_check: Option<HealthCheckConfig>,
+    pub outlier_detection: Option<OutlierConfig>,
+    /// Below this percentage of available endpoints the cluster ignores health and balances over all
+    /// of them (Envoy's panic mode); 0 disables it.
+    pub panic_threshold: u32,
     /// Limit for one TCP connect + HTTP/2 handshake to an endpoint.
     pub connect_timeout: Duration,
+}
+
+/// One upstream endpoint of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointConfig {
+    /// `host:port` as written in the config; also the `endpoint` metric label.
+    pub address: String,
+    /// Relative share of calls (1..=1000, default 1).
+    pub weight: u32,
+}
+
+/// How active health checks learn an endpoint's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthCheckMode {
+    /// `Health/Check` every `interval`.
+    Poll,
+    /// A `Health/Watch` stream per endpoint, falling back to polling if Watch is unimplemented.
+    Watch,
+}
+
+/// Passive outlier detection: eject endpoints whose calls keep failing.
+#[derive(Debug, Clone)]
+pub struct OutlierConfig {
+    /// Consecutive calls ending UNAVAILABLE (or failing to connect) that eject an endpoint.
+    pub consecutive_failures: u32,
+    /// An ejection lasts this long × the number of times the endpoint has been ejected.
+    pub base_ejection_time: Duration,
+    /// Never eject more than this percentage of a cluster's endpoints.
+    pub max_ejection_percent: u32,
 }
 
 /// Active grpc.health.v1 checking of a cluster's endpoints.
@@ -99,6 +133,9 @@ pub struct HealthCheckConfig {
     pub unhealthy_threshold: u32,
     pub healthy_threshold: u32,
     pub service: String,
+    pub mode: HealthCheckMode,
+    /// Whether endpoints count as healthy before their first check completes.
+    pub start_healthy: bool,
 }
 
 /// A configuration error, formatted `file:line:column: key: message`.
@@ -184,9 +221,40 @@ struct RawCluster {
     name: Spanned<String>,
     #[serde(default = "default_balancer")]
     balancer: BalancerName,
-    endpoints: Spanned<Vec<Spanned<String>>>,
+    endpoints: Spanned<Vec<Spanned<RawEndpoint>>>,
+    choice_count: Option<Spanned<u32>>,
     health_check: Option<RawHealthCheck>,
+    outlier_detection: Option<RawOutlier>,
+    panic_threshold: Option<Spanned<u32>>,
     connect_timeout: Option<Spanned<DurationStr>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutlier {
+    consecutive_failures: Option<Spanned<u32>>,
+    base_ejection_time: Option<Spanned<DurationStr>>,
+    max_ejection_percent: Option<Spanned<u32>>,
+}
+
+/// `"host:port"` or `{ address = "host:port", weight = 3 }`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawEndpoint {
+    Address(String),
+    Weighted(RawWeightedEndpoint),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWeightedEndpoint {
+    address: String,
+    #[serde(default = "default_weight")]
+    weight: i64,
+}
+
+fn default_weight() -> i64 {
+    1
 }
 
 #[derive(Deserialize)]
@@ -198,6 +266,9 @@ struct RawHealthCheck {
     healthy_threshold: Option<Spanned<u32>>,
     #[serde(default)]
     service: String,
+    mode: Option<Spanned<String>>,
+    #[serde(default)]
+    start_healthy: bool,
 }
 
 /// A balancer name with an error message that lists the valid names.
@@ -440,11 +511,18 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
         let mut endpoints = Vec::new();
         for (j, e) in c.endpoints.get_ref().iter().enumerate() {
             let k = key(&format!("endpoints[{j}]"));
-            check_endpoint(loc, e, &k)?;
-            if !seen.insert(e.get_ref().clone()) {
-                return Err(loc.at(e, &k, format!("duplicate endpoint \"{}\"", e.get_ref())));
+            let (address, weight) = match e.get_ref() {
+                RawEndpoint::Address(a) => (a.clone(), 1),
+                RawEndpoint::Weighted(w) => (w.address.clone(), w.weight),
+            };
+            check_endpoint(loc, &Spanned::new(e.span(), address.clone()), &k)?;
+            if !(1..=1000).contains(&weight) {
+                return Err(loc.at(e, &format!("{k}.weight"), format!("weight must be between 1 and 1000, got {weight}")));
             }
-            endpoints.push(e.get_ref().clone());
+            if !seen.insert(address.clone()) {
+                return Err(loc.at(e, &k, format!("duplicate endpoint \"{address}\"")));
+            }
+            endpoints.push(EndpointConfig { address, weight: weight as u32 });
         }
         let health_check = match &c.health_check {
             None => None,
@@ -489,6 +567,14 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
                     )?,
                     healthy_threshold: threshold(&h.healthy_threshold, "healthy_threshold", 1)?,
                     service: h.service.clone(),
+                    mode: match h.mode.as_ref().map(|m| (m, m.get_ref().as_str())) {
+                        None | Some((_, "poll")) => HealthCheckMode::Poll,
+                        Some((_, "watch")) => HealthCheckMode::Watch,
+                        Some((m, other)) => {
+                            return Err(loc.at(m, &hk("mode"), format!("unknown mode \"{other}\"; expected poll or watch")))
+                        }
+                    },
+                    start_healthy: h.start_healthy,
                 })
             }
         };
@@ -503,11 +589,56 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
             Some(d) => d.get_ref().0,
             None => DEFAULT_CONNECT_TIMEOUT,
         };
+        let choice_count = match &c.choice_count {
+            Some(v) if *v.get_ref() < 2 => {
+                return Err(loc.at(v, &key("choice_count"), "choice_count must be at least 2"))
+            }
+            Some(v) => *v.get_ref() as usize,
+            None => 2,
+        };
+        let panic_threshold = match &c.panic_threshold {
+            Some(v) if *v.get_ref() > 100 => {
+                return Err(loc.at(v, &key("panic_threshold"), "panic_threshold is a percentage (0-100)"))
+            }
+            Some(v) => *v.get_ref(),
+            None => 0,
+        };
+        let outlier_detection = match &c.outlier_detection {
+            None => None,
+            Some(o) => {
+                let ok = |k: &str| key(&format!("outlier_detection.{k}"));
+                let consecutive_failures = match &o.consecutive_failures {
+                    Some(v) if *v.get_ref() == 0 => {
+                        return Err(loc.at(v, &ok("consecutive_failures"), "consecutive_failures must be at least 1"))
+                    }
+                    Some(v) => *v.get_ref(),
+                    None => 5,
+                };
+                let base_ejection_time = match &o.base_ejection_time {
+                    Some(d) if d.get_ref().0.is_zero() => {
+                        return Err(loc.at(d, &ok("base_ejection_time"), "base_ejection_time must be greater than zero"))
+                    }
+                    Some(d) => d.get_ref().0,
+                    None => Duration::from_secs(30),
+                };
+                let max_ejection_percent = match &o.max_ejection_percent {
+                    Some(v) if *v.get_ref() > 100 => {
+                        return Err(loc.at(v, &ok("max_ejection_percent"), "max_ejection_percent is a percentage (0-100)"))
+                    }
+                    Some(v) => *v.get_ref(),
+                    None => 10,
+                };
+                Some(OutlierConfig { consecutive_failures, base_ejection_time, max_ejection_percent })
+            }
+        };
         clusters.push(ClusterConfig {
             name,
             balancer: c.balancer.0,
             endpoints,
+            choice_count,
             health_check,
+            outlier_detection,
+            panic_threshold,
             connect_timeout,
         });
     }
@@ -757,6 +888,21 @@ endpoints = ["127.0.0.1:50051", "localhost:50052"]
             e.contains("listeners[0].routes[0].timeout: invalid duration \"10\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn weighted_endpoints() {
+        let c = parse(&GOOD.replace(
+            r#"["127.0.0.1:50051", "localhost:50052"]"#,
+            r#"["127.0.0.1:50051", { address = "localhost:50052", weight = 3 }]"#,
+        ))
+        .unwrap();
+        assert_eq!(c.clusters[0].endpoints[1], EndpointConfig { address: "localhost:50052".into(), weight: 3 });
+        assert_eq!(c.clusters[0].endpoints[0].weight, 1);
+        let e = parse(&GOOD.replace(r#""localhost:50052""#, r#"{ address = "localhost:50052", weight = 0 }"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("clusters[0].endpoints[1].weight: weight must be between 1 and 1000, got 0"), "{e}");
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub struct Shared {
 impl Shared {
     /// Whether the proxy should receive traffic: not draining, and every cluster has a healthy endpoint.
     pub fn is_ready(&self) -> bool {
-        !self.draining.load(Ordering::Relaxed) && self.clusters.iter().all(|c| c.has_healthy())
+        !self.draining.load(Ordering::Relaxed) && self.clusters.iter().all(|c| c.has_available())
     }
 }
 

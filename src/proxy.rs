@@ -253,7 +253,7 @@ async fn acquire(
     for k in 0..n {
         let i = (first + k) % n;
         let endpoint = &cluster.endpoints[i];
-        if k > 0 && !endpoint.is_healthy() {
+        if k > 0 && !endpoint.is_available() {
             continue;
         }
         // Two tries per endpoint: a pooled connection may have just received GOAWAY.

@@ -1,24 +1,95 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::{Balance, Endpoint};
+use super::{Balance, Eligible, Endpoint};
 
-/// Each healthy endpoint in turn: one atomic increment per pick, exact spread under any concurrency.
-#[derive(Default)]
+/// Longest schedule we precompute; bigger weight sums are scaled down to fit.
+const MAX_SCHEDULE: u64 = 1 << 20;
+
+/// Smooth weighted round robin (as NGINX does it), precomputed: the schedule lists endpoint indices in
+/// the order SWRR would pick them over one full cycle, and a pick is one atomic increment into it.
+/// With equal weights the schedule is 0, 1, 2, ... and the spread is exact under any concurrency.
 pub struct RoundRobin {
+    schedule: Vec<u32>,
     next: AtomicUsize,
 }
 
+impl RoundRobin {
+    /// Builds the schedule for these weights.
+    pub fn new(weights: &[u32]) -> RoundRobin {
+        RoundRobin { schedule: schedule(weights), next: AtomicUsize::new(0) }
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// One cycle of smooth weighted round robin: each step adds every weight to its running total, picks
+/// the largest total and subtracts the weight sum from it. Interleaves (a:1, b:3 → b a b b) instead of
+/// sending bursts.
+fn schedule(weights: &[u32]) -> Vec<u32> {
+    let g = weights.iter().fold(0u64, |g, &w| gcd(g, u64::from(w))).max(1);
+    let mut w: Vec<u64> = weights.iter().map(|&w| u64::from(w) / g).collect();
+    let sum: u64 = w.iter().sum();
+    if sum > MAX_SCHEDULE {
+        for x in &mut w {
+            *x = (*x * MAX_SCHEDULE / sum).max(1);
+        }
+    }
+    let total: i64 = w.iter().sum::<u64>() as i64;
+    let mut current = vec![0i64; w.len()];
+    let mut out = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for i in 0..w.len() {
+            current[i] += w[i] as i64;
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        out.push(best as u32);
+    }
+    out
+}
+
 impl Balance for RoundRobin {
-    fn pick(&self, endpoints: &[Arc<Endpoint>]) -> Option<usize> {
-        let n = endpoints.len();
-        if n == 0 {
+    fn pick(&self, endpoints: &[Arc<Endpoint>], eligible: Eligible) -> Option<usize> {
+        let len = self.schedule.len();
+        if len == 0 {
             return None;
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        // All healthy: the first probe hits. Otherwise skip ahead to the next healthy endpoint.
-        (0..n)
-            .map(|k| (start.wrapping_add(k)) % n)
-            .find(|&i| endpoints[i].is_healthy())
+        // All available: the first probe hits. Otherwise walk on to the next eligible entry.
+        (0..len)
+            .map(|k| self.schedule[start.wrapping_add(k) % len] as usize)
+            .find(|&i| eligible.accepts(&endpoints[i]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balancer::tests::{cluster, spread};
+
+    #[test]
+    fn swrr_interleaves() {
+        assert_eq!(schedule(&[1, 1, 1]), vec![0, 1, 2]);
+        assert_eq!(schedule(&[1, 3]), vec![1, 0, 1, 1]);
+        assert_eq!(schedule(&[2, 6]), vec![1, 0, 1, 1]);
+        assert_eq!(schedule(&[5, 1, 1]), vec![0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn exact_spread() {
+        let c = cluster("round_robin", r#"["a:1", "b:1", "c:1"]"#);
+        assert_eq!(spread(&c, 3000), vec![1000, 1000, 1000]);
+        let c = cluster("round_robin", r#"["a:1", { address = "b:1", weight = 3 }]"#);
+        assert_eq!(spread(&c, 4000), vec![1000, 3000]);
     }
 }

@@ -1,37 +1,40 @@
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cmp::Ordering;
 use std::sync::Arc;
 
-use super::{Balance, Endpoint};
+use super::{less_loaded, Balance, Eligible, Endpoint};
 
-/// The healthy endpoint with the fewest calls in flight; the scan starts at a rotating offset so that
-/// equally loaded endpoints share calls evenly instead of the first one taking every tie.
-#[derive(Default)]
-pub struct JoinShortestQueue {
-    offset: AtomicUsize,
-}
+/// The eligible endpoint with the fewest calls in flight per unit of weight. Ties go to a random one of
+/// the tied endpoints with probability proportional to weight, so equal endpoints share evenly and an
+/// idle cluster still follows the weights. O(n) per pick: it looks at every endpoint.
+pub struct JoinShortestQueue;
 
 impl Balance for JoinShortestQueue {
-    fn pick(&self, endpoints: &[Arc<Endpoint>]) -> Option<usize> {
-        let n = endpoints.len();
-        if n == 0 {
-            return None;
-        }
-        let start = self.offset.fetch_add(1, Ordering::Relaxed);
-        let mut best: Option<(usize, usize)> = None;
-        for k in 0..n {
-            let i = start.wrapping_add(k) % n;
-            let e = &endpoints[i];
-            if !e.is_healthy() {
+    fn pick(&self, endpoints: &[Arc<Endpoint>], eligible: Eligible) -> Option<usize> {
+        let mut best: Option<usize> = None;
+        let mut tied_weight: u64 = 0;
+        for (i, e) in endpoints.iter().enumerate() {
+            if !eligible.accepts(e) {
                 continue;
             }
-            let load = e.in_flight();
-            if best.is_none_or(|(_, b)| load < b) {
-                best = Some((i, load));
-                if load == 0 {
-                    break;
+            let ord = match best {
+                None => Ordering::Less,
+                Some(b) => less_loaded(e, &endpoints[b]),
+            };
+            match ord {
+                Ordering::Less => {
+                    best = Some(i);
+                    tied_weight = u64::from(e.weight);
                 }
+                Ordering::Equal => {
+                    // Weighted reservoir sampling over the tied endpoints.
+                    tied_weight += u64::from(e.weight);
+                    if fastrand::u64(..tied_weight) < u64::from(e.weight) {
+                        best = Some(i);
+                    }
+                }
+                Ordering::Greater => {}
             }
         }
-        best.map(|(i, _)| i)
+        best
     }
 }
