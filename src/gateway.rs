@@ -1,7 +1,6 @@
 //! Wires a validated [`Config`] into running listeners, clusters and the admin server, and drains them
 //! on shutdown.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
+use crate::health;
 use crate::balancer::Cluster;
 use crate::config::Config;
 use crate::listener::Listener;
@@ -27,9 +27,14 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Whether the proxy should receive traffic: not draining, and every cluster has a healthy endpoint.
-    pub fn is_ready(&self) -> bool {
-        !self.draining.load(Ordering::Relaxed) && self.clusters.iter().all(|c| c.has_available())
+    /// The cluster with this name.
+    pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 }
 
@@ -39,6 +44,7 @@ pub struct Gateway {
     listeners: Vec<(String, SocketAddr)>,
     admin_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
+    /// Stops what must outlive the drain: the admin server and the health checkers.
     admin_shutdown: CancellationToken,
     connections: TaskTracker,
 }
@@ -47,27 +53,23 @@ impl Gateway {
     /// Binds every listener and the admin port and starts serving. Fails if an address cannot be bound.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         let metrics = Metrics::new();
-        let clusters: HashMap<String, Arc<Cluster>> = config
-            .clusters
-            .iter()
-            .map(|c| (c.name.clone(), Arc::new(Cluster::new(c, &metrics))))
-            .collect();
         let shared = Arc::new(Shared {
             metrics: metrics.clone(),
-            clusters: config
-                .clusters
-                .iter()
-                .map(|c| clusters[&c.name].clone())
-                .collect(),
+            clusters: config.clusters.iter().map(|c| Arc::new(Cluster::new(c, &metrics))).collect(),
             draining: AtomicBool::new(false),
         });
         let shutdown = CancellationToken::new();
         let admin_shutdown = CancellationToken::new();
         let connections = TaskTracker::new();
+        for (cluster, c) in shared.clusters.iter().zip(&config.clusters) {
+            if let Some(hc) = &c.health_check {
+                health::spawn_active_checks(cluster, hc, &metrics, &admin_shutdown);
+            }
+        }
 
         let mut bound = Vec::new();
         for l in &config.listeners {
-            let router = Arc::new(ArcSwap::from_pointee(Router::new(l, &clusters, &metrics)));
+            let router = Arc::new(ArcSwap::from_pointee(Router::new(l, &shared)));
             let listener =
                 Listener::bind(l, router, metrics.downstream_connections(&l.name)).await?;
             bound.push(listener);

@@ -13,6 +13,7 @@ pub mod demo;
 pub mod echo;
 pub mod gateway;
 pub mod grpc;
+pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;

@@ -26,6 +26,7 @@ pub struct Metrics {
     in_flight: IntGaugeVec,
     healthy: IntGaugeVec,
     health_checks: IntCounterVec,
+    ejections: IntCounterVec,
     downstream_connections: IntGaugeVec,
 }
 
@@ -82,7 +83,12 @@ impl Metrics {
             &["listener"],
         )
         .expect("valid metric");
-        for c in [&requests, &health_checks] {
+        let ejections = IntCounterVec::new(
+            Opts::new("grpcgate_outlier_ejections_total", "Times outlier detection ejected an endpoint."),
+            &["cluster", "endpoint"],
+        )
+        .expect("valid metric");
+        for c in [&requests, &health_checks, &ejections] {
             registry
                 .register(Box::new(c.clone()))
                 .expect("unique metric");
@@ -102,6 +108,7 @@ impl Metrics {
             in_flight,
             healthy,
             health_checks,
+            ejections,
             downstream_connections,
         })
     }
@@ -153,6 +160,11 @@ impl Metrics {
     pub fn health_checks(&self, cluster: &str, endpoint: &str, result: &str) -> IntCounter {
         self.health_checks
             .with_label_values(&[cluster, endpoint, result])
+    }
+
+    /// The ejection counter of an endpoint.
+    pub fn ejections(&self, cluster: &str, endpoint: &str) -> IntCounter {
+        self.ejections.with_label_values(&[cluster, endpoint])
     }
 
     /// The open-connections gauge of a listener.

@@ -22,39 +22,43 @@ use tokio::time::Instant;
 
 use crate::balancer::{Cluster, Endpoint};
 use crate::grpc::{self, Code, Status, GRPC_STATUS, GRPC_TIMEOUT};
+use crate::health;
 use crate::router::{Route, Router};
 use crate::upstream::Lease;
 
 /// Serves one downstream HTTP/2 stream to completion and records its metrics.
-pub async fn serve_stream(
-    router: Arc<Router>,
-    req: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
-) {
+pub async fn serve_stream(router: Arc<Router>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
     let start = Instant::now();
-    let Some(route) = router.route(req.uri().path()) else {
+    let path = req.uri().path();
+    if router.answers_health && path == health::CHECK_PATH {
+        let shared = &router.shared;
+        let code = health::answer_check(req, respond, shared.is_draining(), |name| {
+            shared.cluster(name).map(|c| c.has_available())
+        })
+        .await;
+        router.local.inc(code);
+        return;
+    }
+    let Some(route) = router.route(path) else {
         let status = Status::new(
             Code::Unimplemented,
-            format!(
-                "grpcgate: no route for {} on listener \"{}\"",
-                req.uri().path(),
-                router.listener
-            ),
+            format!("grpcgate: no route for {} on listener \"{}\"", path, router.listener),
         );
         reply(&mut respond, &status);
-        router.no_route.inc(status.code);
+        router.local.inc(status.code);
         return;
     };
+    let cluster = &route.cluster;
     let (endpoint, code) = forward(route, req, &mut respond, start).await;
     let counters = match endpoint {
-        Some(i) => &route.counters[i],
+        Some(i) => {
+            cluster.report(i, code == Code::Unavailable);
+            &route.counters[i]
+        }
         None => route.unrouted_counters(),
     };
     counters.inc(code);
-    route
-        .cluster
-        .duration
-        .observe(start.elapsed().as_secs_f64());
+    cluster.duration.observe(start.elapsed().as_secs_f64());
 }
 
 /// Sends a trailers-only response with a status the proxy produced.
@@ -225,7 +229,11 @@ async fn forward(
             let _ = down_send.send_trailers(status.to_trailers());
             (Some(idx), status.code)
         }
-        End::Done(Err(PumpError::Dst(_))) | End::ClientGone => (Some(idx), Code::Cancelled),
+        End::Done(Err(PumpError::Dst(e))) => {
+            tracing::debug!(error = ?e, "client went away mid-response");
+            (Some(idx), Code::Cancelled)
+        }
+        End::ClientGone => (Some(idx), Code::Cancelled),
         End::Deadline => {
             let _ = down_send.send_trailers(deadline_status().to_trailers());
             (Some(idx), Code::DeadlineExceeded)
@@ -268,6 +276,7 @@ async fn acquire(
                 },
                 Err(e) => {
                     last_error = e.to_string();
+                    cluster.report(i, true);
                     tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.address, error = %e, "no connection");
                     break;
                 }
@@ -347,9 +356,9 @@ fn upstream_uri(uri: Uri, endpoint: &Endpoint) -> Uri {
 #[derive(Debug)]
 enum PumpError {
     /// Reading from the source stream failed (it was reset or its connection broke).
-    Src(#[allow(dead_code)] h2::Error),
+    Src(h2::Error),
     /// The destination stream was reset or closed; nothing more can be sent.
-    Dst(#[allow(dead_code)] Option<h2::Error>),
+    Dst(Option<h2::Error>),
 }
 
 enum PumpState {

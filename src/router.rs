@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use crate::balancer::Cluster;
 use crate::config::ListenerConfig;
-use crate::metrics::{Metrics, StatusCounters};
+use crate::gateway::Shared;
+use crate::health::HEALTH_SERVICE;
+use crate::metrics::StatusCounters;
 
 /// Where matching calls go and how long they may take.
 pub struct Route {
@@ -35,23 +37,25 @@ impl Route {
 pub struct Router {
     pub listener: String,
     routes: Vec<Route>,
-    /// Counters for calls no route matched.
-    pub no_route: StatusCounters,
+    /// Counters for calls the proxy answered itself (no route matched, or its own health check):
+    /// `cluster` and `endpoint` are empty.
+    pub local: StatusCounters,
+    /// Whether `grpc.health.v1.Health/Check` is answered by the proxy (no route names that service).
+    pub answers_health: bool,
+    /// Gateway state the proxy's own health answer reads.
+    pub shared: Arc<Shared>,
 }
 
 impl Router {
     /// Builds the routes of a listener against the gateway's clusters.
-    pub fn new(
-        config: &ListenerConfig,
-        clusters: &HashMap<String, Arc<Cluster>>,
-        metrics: &Metrics,
-    ) -> Router {
+    pub fn new(config: &ListenerConfig, shared: &Arc<Shared>) -> Router {
+        let metrics = &shared.metrics;
         let mut counters_by_cluster: HashMap<&str, Arc<[StatusCounters]>> = HashMap::new();
         let routes = config
             .routes
             .iter()
             .map(|r| {
-                let cluster = clusters[&r.cluster].clone();
+                let cluster = shared.cluster(&r.cluster).expect("config validation checked the cluster exists").clone();
                 let counters = counters_by_cluster
                     .entry(&r.cluster)
                     .or_insert_with(|| {
@@ -76,7 +80,9 @@ impl Router {
         Router {
             listener: config.name.clone(),
             routes,
-            no_route: metrics.request_counters(&config.name, "", ""),
+            local: metrics.request_counters(&config.name, "", ""),
+            answers_health: !config.routes.iter().any(|r| r.service.as_deref() == Some(HEALTH_SERVICE)),
+            shared: shared.clone(),
         }
     }
 

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use prometheus::{Histogram, IntGauge};
 
 use crate::config::{BalancerKind, ClusterConfig, EndpointConfig};
+use crate::health::OutlierDetector;
 use crate::metrics::Metrics;
 use crate::upstream::Pool;
 
@@ -188,6 +189,8 @@ pub struct Cluster {
     balancer: Box<dyn Balance>,
     available: Arc<AtomicUsize>,
     panic_threshold: u32,
+    /// Passive outlier detection, when configured.
+    pub outlier: Option<OutlierDetector>,
     /// `grpcgate_request_duration_seconds{cluster}`.
     pub duration: Histogram,
 }
@@ -208,6 +211,10 @@ impl Cluster {
             balancer: build(config),
             available,
             panic_threshold: config.panic_threshold,
+            outlier: config.outlier_detection.as_ref().map(|o| {
+                let addresses: Vec<&str> = config.endpoints.iter().map(|e| e.address.as_str()).collect();
+                OutlierDetector::new(o.clone(), &config.name, &addresses, metrics)
+            }),
             duration: metrics.duration(&config.name),
         }
     }
@@ -229,6 +236,14 @@ impl Cluster {
     /// Whether at least one endpoint is available.
     pub fn has_available(&self) -> bool {
         self.available.load(Ordering::Relaxed) > 0
+    }
+
+    /// Tells outlier detection how a call to endpoint `index` ended.
+    #[inline]
+    pub fn report(&self, index: usize, failed: bool) {
+        if let Some(o) = &self.outlier {
+            o.record(index, &self.endpoints[index], failed);
+        }
     }
 
     /// How many endpoints are available (healthy and not ejected).
