@@ -517,12 +517,19 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
             };
             check_endpoint(loc, &Spanned::new(e.span(), address.clone()), &k)?;
             if !(1..=1000).contains(&weight) {
-                return Err(loc.at(e, &format!("{k}.weight"), format!("weight must be between 1 and 1000, got {weight}")));
+                return Err(loc.at(
+                    e,
+                    &format!("{k}.weight"),
+                    format!("weight must be between 1 and 1000, got {weight}"),
+                ));
             }
             if !seen.insert(address.clone()) {
                 return Err(loc.at(e, &k, format!("duplicate endpoint \"{address}\"")));
             }
-            endpoints.push(EndpointConfig { address, weight: weight as u32 });
+            endpoints.push(EndpointConfig {
+                address,
+                weight: weight as u32,
+            });
         }
         let health_check = match &c.health_check {
             None => None,
@@ -571,7 +578,11 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
                         None | Some((_, "poll")) => HealthCheckMode::Poll,
                         Some((_, "watch")) => HealthCheckMode::Watch,
                         Some((m, other)) => {
-                            return Err(loc.at(m, &hk("mode"), format!("unknown mode \"{other}\"; expected poll or watch")))
+                            return Err(loc.at(
+                                m,
+                                &hk("mode"),
+                                format!("unknown mode \"{other}\"; expected poll or watch"),
+                            ))
                         }
                     },
                     start_healthy: h.start_healthy,
@@ -598,7 +609,11 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
         };
         let panic_threshold = match &c.panic_threshold {
             Some(v) if *v.get_ref() > 100 => {
-                return Err(loc.at(v, &key("panic_threshold"), "panic_threshold is a percentage (0-100)"))
+                return Err(loc.at(
+                    v,
+                    &key("panic_threshold"),
+                    "panic_threshold is a percentage (0-100)",
+                ))
             }
             Some(v) => *v.get_ref(),
             None => 0,
@@ -609,26 +624,42 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
                 let ok = |k: &str| key(&format!("outlier_detection.{k}"));
                 let consecutive_failures = match &o.consecutive_failures {
                     Some(v) if *v.get_ref() == 0 => {
-                        return Err(loc.at(v, &ok("consecutive_failures"), "consecutive_failures must be at least 1"))
+                        return Err(loc.at(
+                            v,
+                            &ok("consecutive_failures"),
+                            "consecutive_failures must be at least 1",
+                        ))
                     }
                     Some(v) => *v.get_ref(),
                     None => 5,
                 };
                 let base_ejection_time = match &o.base_ejection_time {
                     Some(d) if d.get_ref().0.is_zero() => {
-                        return Err(loc.at(d, &ok("base_ejection_time"), "base_ejection_time must be greater than zero"))
+                        return Err(loc.at(
+                            d,
+                            &ok("base_ejection_time"),
+                            "base_ejection_time must be greater than zero",
+                        ))
                     }
                     Some(d) => d.get_ref().0,
                     None => Duration::from_secs(30),
                 };
                 let max_ejection_percent = match &o.max_ejection_percent {
                     Some(v) if *v.get_ref() > 100 => {
-                        return Err(loc.at(v, &ok("max_ejection_percent"), "max_ejection_percent is a percentage (0-100)"))
+                        return Err(loc.at(
+                            v,
+                            &ok("max_ejection_percent"),
+                            "max_ejection_percent is a percentage (0-100)",
+                        ))
                     }
                     Some(v) => *v.get_ref(),
                     None => 10,
                 };
-                Some(OutlierConfig { consecutive_failures, base_ejection_time, max_ejection_percent })
+                Some(OutlierConfig {
+                    consecutive_failures,
+                    base_ejection_time,
+                    max_ejection_percent,
+                })
             }
         };
         clusters.push(ClusterConfig {
@@ -897,12 +928,24 @@ endpoints = ["127.0.0.1:50051", "localhost:50052"]
             r#"["127.0.0.1:50051", { address = "localhost:50052", weight = 3 }]"#,
         ))
         .unwrap();
-        assert_eq!(c.clusters[0].endpoints[1], EndpointConfig { address: "localhost:50052".into(), weight: 3 });
+        assert_eq!(
+            c.clusters[0].endpoints[1],
+            EndpointConfig {
+                address: "localhost:50052".into(),
+                weight: 3
+            }
+        );
         assert_eq!(c.clusters[0].endpoints[0].weight, 1);
-        let e = parse(&GOOD.replace(r#""localhost:50052""#, r#"{ address = "localhost:50052", weight = 0 }"#))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("clusters[0].endpoints[1].weight: weight must be between 1 and 1000, got 0"), "{e}");
+        let e = parse(&GOOD.replace(
+            r#""localhost:50052""#,
+            r#"{ address = "localhost:50052", weight = 0 }"#,
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("clusters[0].endpoints[1].weight: weight must be between 1 and 1000, got 0"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -11,9 +11,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
-use crate::health;
 use crate::balancer::Cluster;
 use crate::config::Config;
+use crate::health;
 use crate::listener::Listener;
 use crate::metrics::Metrics;
 use crate::router::Router;
@@ -55,7 +55,11 @@ impl Gateway {
         let metrics = Metrics::new();
         let shared = Arc::new(Shared {
             metrics: metrics.clone(),
-            clusters: config.clusters.iter().map(|c| Arc::new(Cluster::new(c, &metrics))).collect(),
+            clusters: config
+                .clusters
+                .iter()
+                .map(|c| Arc::new(Cluster::new(c, &metrics)))
+                .collect(),
             draining: AtomicBool::new(false),
         });
         let shutdown = CancellationToken::new();

@@ -83,12 +83,18 @@ struct Tracker {
     thresholds: Thresholds,
     success: IntCounter,
     failure: IntCounter,
+    /// Whether a result has been seen: an endpoint that starts unhealthy and fails its first check
+    /// gets one log line saying why, since no transition will.
+    seen_first: bool,
 }
 
 impl Tracker {
     fn record(&mut self, result: Result<(), String>) {
         let ok = result.is_ok();
         if ok { &self.success } else { &self.failure }.inc();
+        if !std::mem::replace(&mut self.seen_first, true) && !ok && !self.endpoint.is_healthy() {
+            tracing::warn!(cluster = %self.cluster, endpoint = %self.endpoint.address, reason = result.as_ref().err().map_or("", |e| e.as_str()), "endpoint is not healthy yet");
+        }
         if let Some(healthy) = self.thresholds.record(ok, self.endpoint.is_healthy()) {
             self.set(healthy, result.err());
         }
@@ -96,7 +102,12 @@ impl Tracker {
 
     /// Applies a verdict at once (a Watch update), bypassing thresholds.
     fn force(&mut self, healthy: bool, reason: Option<String>) {
-        if healthy { &self.success } else { &self.failure }.inc();
+        if healthy {
+            &self.success
+        } else {
+            &self.failure
+        }
+        .inc();
         self.thresholds.record(healthy, self.endpoint.is_healthy());
         self.set(healthy, reason);
     }
@@ -126,6 +137,7 @@ pub fn spawn_active_checks(
             thresholds: Thresholds::new(config),
             success: metrics.health_checks(&cluster.name, &endpoint.address, "success"),
             failure: metrics.health_checks(&cluster.name, &endpoint.address, "failure"),
+            seen_first: false,
         };
         let config = config.clone();
         let shutdown = shutdown.clone();
@@ -141,14 +153,19 @@ pub fn spawn_active_checks(
 async fn check_loop(mut tracker: Tracker, config: HealthCheckConfig) {
     let uri = format!("http://{}", tracker.endpoint.address);
     let channel = match tonic::transport::Endpoint::from_shared(uri) {
-        Ok(e) => e.connect_timeout(config.timeout).tcp_nodelay(true).connect_lazy(),
+        Ok(e) => e
+            .connect_timeout(config.timeout)
+            .tcp_nodelay(true)
+            .connect_lazy(),
         Err(e) => {
             tracing::error!(endpoint = %tracker.endpoint.address, error = %e, "cannot health-check endpoint");
             return;
         }
     };
     let mut client = HealthClient::new(channel);
-    let request = HealthCheckRequest { service: config.service.clone() };
+    let request = HealthCheckRequest {
+        service: config.service.clone(),
+    };
     if config.mode == HealthCheckMode::Watch {
         watch_loop(&mut tracker, &mut client, &request, &config).await;
         tracing::warn!(cluster = %tracker.cluster, endpoint = %tracker.endpoint.address, "Health/Watch is unimplemented by the endpoint; polling Health/Check instead");
@@ -167,8 +184,15 @@ async fn check_once(
     timeout: Duration,
 ) -> Result<(), String> {
     match tokio::time::timeout(timeout, client.check(request.clone())).await {
-        Err(_) => Err(format!("health check timed out after {}ms", timeout.as_millis())),
-        Ok(Err(status)) => Err(format!("health check failed: {} {}", status.code(), status.message())),
+        Err(_) => Err(format!(
+            "health check timed out after {}ms",
+            timeout.as_millis()
+        )),
+        Ok(Err(status)) => Err(format!(
+            "health check failed: {} {}",
+            status.code(),
+            status.message()
+        )),
         Ok(Ok(resp)) => serving(resp.get_ref()),
     }
 }
@@ -191,9 +215,16 @@ async fn watch_loop(
 ) {
     loop {
         match tokio::time::timeout(config.timeout, client.watch(request.clone())).await {
-            Err(_) => tracker.record(Err(format!("Health/Watch timed out after {}ms", config.timeout.as_millis()))),
+            Err(_) => tracker.record(Err(format!(
+                "Health/Watch timed out after {}ms",
+                config.timeout.as_millis()
+            ))),
             Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => return,
-            Ok(Err(status)) => tracker.record(Err(format!("Health/Watch failed: {} {}", status.code(), status.message()))),
+            Ok(Err(status)) => tracker.record(Err(format!(
+                "Health/Watch failed: {} {}",
+                status.code(),
+                status.message()
+            ))),
             Ok(Ok(resp)) => {
                 let mut stream = resp.into_inner();
                 loop {
@@ -207,7 +238,10 @@ async fn watch_loop(
                             break;
                         }
                         Err(status) => {
-                            tracker.record(Err(format!("Health/Watch stream broke: {}", status.message())));
+                            tracker.record(Err(format!(
+                                "Health/Watch stream broke: {}",
+                                status.message()
+                            )));
                             break;
                         }
                     }
@@ -230,13 +264,21 @@ pub struct OutlierDetector {
 
 impl OutlierDetector {
     /// A detector for a cluster of `total` endpoints.
-    pub fn new(config: OutlierConfig, cluster: &str, addresses: &[&str], metrics: &Metrics) -> OutlierDetector {
+    pub fn new(
+        config: OutlierConfig,
+        cluster: &str,
+        addresses: &[&str],
+        metrics: &Metrics,
+    ) -> OutlierDetector {
         OutlierDetector {
             config,
             cluster: cluster.to_string(),
             total: addresses.len(),
             ejected: Arc::new(AtomicUsize::new(0)),
-            ejections: addresses.iter().map(|a| metrics.ejections(cluster, a)).collect(),
+            ejections: addresses
+                .iter()
+                .map(|a| metrics.ejections(cluster, a))
+                .collect(),
         }
     }
 
@@ -248,7 +290,10 @@ impl OutlierDetector {
             }
             return;
         }
-        let n = endpoint.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let n = endpoint
+            .consecutive_failures
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
         if n < self.config.consecutive_failures || endpoint.is_ejected() {
             return;
         }
@@ -256,7 +301,9 @@ impl OutlierDetector {
         let max = self.config.max_ejection_percent as usize;
         let reserved = self
             .ejected
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |e| (e * 100 < max * self.total).then_some(e + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |e| {
+                (e * 100 < max * self.total).then_some(e + 1)
+            })
             .is_ok();
         if !reserved {
             return;
@@ -266,7 +313,11 @@ impl OutlierDetector {
             return;
         }
         let times = endpoint.times_ejected.fetch_add(1, Ordering::Relaxed) + 1;
-        let duration = self.config.base_ejection_time.saturating_mul(times).min(MAX_EJECTION.max(self.config.base_ejection_time));
+        let duration = self
+            .config
+            .base_ejection_time
+            .saturating_mul(times)
+            .min(MAX_EJECTION.max(self.config.base_ejection_time));
         self.ejections[index].inc();
         tracing::warn!(cluster = %self.cluster, endpoint = %endpoint.address, failures = n, ejection_ms = duration.as_millis() as u64, "endpoint ejected");
         let endpoint = endpoint.clone();
@@ -294,11 +345,17 @@ pub async fn answer_check(
     let status = match read_unary(req.body_mut()).await {
         Err(status) => Err(status),
         Ok(msg) => match HealthCheckRequest::decode(msg) {
-            Err(e) => Err(Status::new(Code::Internal, format!("grpcgate: bad HealthCheckRequest: {e}"))),
+            Err(e) => Err(Status::new(
+                Code::Internal,
+                format!("grpcgate: bad HealthCheckRequest: {e}"),
+            )),
             Ok(r) if r.service.is_empty() => Ok(!draining),
             Ok(r) => match cluster_status(&r.service) {
                 Some(up) => Ok(up && !draining),
-                None => Err(Status::new(Code::NotFound, format!("grpcgate: unknown service \"{}\"", r.service))),
+                None => Err(Status::new(
+                    Code::NotFound,
+                    format!("grpcgate: unknown service \"{}\"", r.service),
+                )),
             },
         },
     };
@@ -310,14 +367,19 @@ pub async fn answer_check(
         }
     };
     let msg = HealthCheckResponse {
-        status: if serving { ServingStatus::Serving } else { ServingStatus::NotServing } as i32,
+        status: if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        } as i32,
     };
     let mut frame = BytesMut::with_capacity(5 + msg.encoded_len());
     frame.put_u8(0);
     frame.put_u32(msg.encoded_len() as u32);
     msg.encode(&mut frame).expect("buffer has room");
     let mut head = Response::new(());
-    head.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    head.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     if let Ok(mut send) = respond.send_response(head, false) {
         let _ = send.send_data(frame.freeze(), false);
         let _ = send.send_trailers(Status::new(Code::Ok, "").to_trailers());
@@ -330,22 +392,39 @@ async fn read_unary(body: &mut RecvStream) -> Result<Bytes, Status> {
     const LIMIT: usize = 64 * 1024;
     let mut buf = BytesMut::new();
     while let Some(chunk) = body.data().await {
-        let chunk = chunk.map_err(|e| Status::new(Code::Cancelled, format!("grpcgate: request body failed: {e}")))?;
+        let chunk = chunk.map_err(|e| {
+            Status::new(
+                Code::Cancelled,
+                format!("grpcgate: request body failed: {e}"),
+            )
+        })?;
         let _ = body.flow_control().release_capacity(chunk.len());
         buf.extend_from_slice(&chunk);
         if buf.len() > LIMIT {
-            return Err(Status::new(Code::ResourceExhausted, "grpcgate: health check request too large"));
+            return Err(Status::new(
+                Code::ResourceExhausted,
+                "grpcgate: health check request too large",
+            ));
         }
     }
     if buf.len() < 5 {
-        return Err(Status::new(Code::Internal, "grpcgate: empty health check request"));
+        return Err(Status::new(
+            Code::Internal,
+            "grpcgate: empty health check request",
+        ));
     }
     if buf[0] != 0 {
-        return Err(Status::new(Code::Unimplemented, "grpcgate: compressed health check requests are not supported"));
+        return Err(Status::new(
+            Code::Unimplemented,
+            "grpcgate: compressed health check requests are not supported",
+        ));
     }
     let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
     if buf.len() != 5 + len {
-        return Err(Status::new(Code::Internal, "grpcgate: malformed gRPC message framing"));
+        return Err(Status::new(
+            Code::Internal,
+            "grpcgate: malformed gRPC message framing",
+        ));
     }
     Ok(buf.freeze().split_off(5))
 }
@@ -373,11 +452,19 @@ mod tests {
         assert_eq!(t.record(true, false), Some(true));
         assert_eq!(t.record(false, true), None);
         assert_eq!(t.record(false, true), None);
-        assert_eq!(t.record(true, true), None, "a success resets the failure count");
+        assert_eq!(
+            t.record(true, true),
+            None,
+            "a success resets the failure count"
+        );
         assert_eq!(t.record(false, true), None);
         assert_eq!(t.record(false, true), None);
         assert_eq!(t.record(false, true), Some(false));
-        assert_eq!(t.record(true, false), None, "afterwards, healthy_threshold successes are needed");
+        assert_eq!(
+            t.record(true, false),
+            None,
+            "afterwards, healthy_threshold successes are needed"
+        );
         assert_eq!(t.record(true, false), Some(true));
     }
 
@@ -385,7 +472,10 @@ mod tests {
     fn jitter_stays_within_ten_percent() {
         for _ in 0..1000 {
             let d = jittered(Duration::from_secs(1));
-            assert!(d >= Duration::from_millis(900) && d <= Duration::from_millis(1100), "{d:?}");
+            assert!(
+                d >= Duration::from_millis(900) && d <= Duration::from_millis(1100),
+                "{d:?}"
+            );
         }
     }
 }

@@ -68,6 +68,12 @@ pub struct Listener {
     pub name: String,
     pub local_addr: SocketAddr,
     tcp: TcpListener,
+    handler: Arc<ConnectionHandler>,
+}
+
+/// What every connection of a listener shares.
+struct ConnectionHandler {
+    name: String,
     tls: Option<TlsAcceptor>,
     max_concurrent_streams: u32,
     router: Arc<ArcSwap<Router>>,
@@ -100,33 +106,38 @@ impl Listener {
             name: config.name.clone(),
             local_addr: tcp.local_addr()?,
             tcp,
-            tls,
-            max_concurrent_streams: config.max_concurrent_streams,
-            router,
-            connections,
+            handler: Arc::new(ConnectionHandler {
+                name: config.name.clone(),
+                tls,
+                max_concurrent_streams: config.max_concurrent_streams,
+                router,
+                connections,
+            }),
         })
     }
 
     /// Accepts connections until `shutdown` fires; connection tasks go on `tracker` so the caller can
     /// wait for them to drain.
     pub async fn serve(self, shutdown: CancellationToken, tracker: TaskTracker) {
-        let this = Arc::new(self);
+        let Listener {
+            name, tcp, handler, ..
+        } = self;
         loop {
             let accepted = tokio::select! {
-                r = this.tcp.accept() => r,
+                r = tcp.accept() => r,
                 _ = shutdown.cancelled() => break,
             };
             let (tcp, peer) = match accepted {
                 Ok(x) => x,
                 Err(e) => {
                     // Usually EMFILE: back off briefly instead of spinning.
-                    tracing::warn!(listener = %this.name, error = %e, "accept failed");
+                    tracing::warn!(listener = %name, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let conn = this.clone();
+            let conn = handler.clone();
             let shutdown = shutdown.clone();
             tracker.spawn(async move {
                 conn.connections.inc();
@@ -136,9 +147,13 @@ impl Listener {
                 conn.connections.dec();
             });
         }
-        tracing::info!(listener = %this.name, "stopped accepting");
+        // Close the socket now, so new clients are refused during the drain instead of queueing.
+        drop(tcp);
+        tracing::info!(listener = %name, "stopped accepting");
     }
+}
 
+impl ConnectionHandler {
     async fn serve_connection(
         &self,
         tcp: TcpStream,

@@ -84,7 +84,10 @@ impl Metrics {
         )
         .expect("valid metric");
         let ejections = IntCounterVec::new(
-            Opts::new("grpcgate_outlier_ejections_total", "Times outlier detection ejected an endpoint."),
+            Opts::new(
+                "grpcgate_outlier_ejections_total",
+                "Times outlier detection ejected an endpoint.",
+            ),
             &["cluster", "endpoint"],
         )
         .expect("valid metric");

@@ -27,7 +27,11 @@ use crate::router::{Route, Router};
 use crate::upstream::Lease;
 
 /// Serves one downstream HTTP/2 stream to completion and records its metrics.
-pub async fn serve_stream(router: Arc<Router>, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+pub async fn serve_stream(
+    router: Arc<Router>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
     let start = Instant::now();
     let path = req.uri().path();
     if router.answers_health && path == health::CHECK_PATH {
@@ -42,7 +46,10 @@ pub async fn serve_stream(router: Arc<Router>, req: Request<RecvStream>, mut res
     let Some(route) = router.route(path) else {
         let status = Status::new(
             Code::Unimplemented,
-            format!("grpcgate: no route for {} on listener \"{}\"", path, router.listener),
+            format!(
+                "grpcgate: no route for {} on listener \"{}\"",
+                path, router.listener
+            ),
         );
         reply(&mut respond, &status);
         router.local.inc(status.code);
@@ -180,23 +187,21 @@ async fn forward(
         return (Some(idx), status.code);
     }
     let trailers_only = up_body.is_end_stream();
+    let mut head = head;
     let header_code = head.headers.get(&GRPC_STATUS).map(Code::from_header);
+    if trailers_only && header_code.is_none() {
+        missing_status(endpoint).write_to(&mut head.headers);
+    }
     let mut down_send = match respond.send_response(Response::from_parts(head, ()), trailers_only) {
         Ok(s) => s,
         Err(_) => return (Some(idx), Code::Cancelled),
     };
     if trailers_only {
-        return (Some(idx), header_code.unwrap_or(Code::Unknown));
+        return (Some(idx), header_code.unwrap_or(Code::Internal));
     }
 
     // Phase 2: stream the response body and trailers (while the request body may still flow, for bidi).
-    let missing_status = Status::new(
-        Code::Internal,
-        format!(
-            "grpcgate: upstream {} ended the response without grpc-status",
-            endpoint.address
-        ),
-    );
+    let missing_status = missing_status(endpoint);
     enum End {
         Done(Result<Option<Code>, PumpError>),
         ClientGone,
@@ -240,6 +245,17 @@ async fn forward(
         }
     }
     // Returning drops the upstream stream handles; h2 resets an unfinished upstream stream with CANCEL.
+}
+
+/// The status for a response that ended without `grpc-status`.
+fn missing_status(endpoint: &Endpoint) -> Status {
+    Status::new(
+        Code::Internal,
+        format!(
+            "grpcgate: upstream {} ended the response without grpc-status",
+            endpoint.address
+        ),
+    )
 }
 
 /// Picks an endpoint and a stream slot on a ready connection to it. A connect failure moves on to the
@@ -448,10 +464,17 @@ impl Future for Pump<'_> {
                     }
                 }
                 PumpState::Trailers => {
-                    let trailers = match ready!(this.src.poll_trailers(cx)) {
-                        Ok(t) => t.or_else(|| this.missing_trailers.take()),
+                    let mut trailers = match ready!(this.src.poll_trailers(cx)) {
+                        Ok(t) => t,
                         Err(e) => return Poll::Ready(Err(PumpError::Src(e))),
                     };
+                    if let Some(fallback) = this.missing_trailers.take() {
+                        match &mut trailers {
+                            Some(t) if t.contains_key(&GRPC_STATUS) => {}
+                            Some(t) => t.extend(fallback),
+                            None => trailers = Some(fallback),
+                        }
+                    }
                     this.state = PumpState::Done;
                     let result = match trailers {
                         Some(t) => {

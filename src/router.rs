@@ -55,7 +55,10 @@ impl Router {
             .routes
             .iter()
             .map(|r| {
-                let cluster = shared.cluster(&r.cluster).expect("config validation checked the cluster exists").clone();
+                let cluster = shared
+                    .cluster(&r.cluster)
+                    .expect("config validation checked the cluster exists")
+                    .clone();
                 let counters = counters_by_cluster
                     .entry(&r.cluster)
                     .or_insert_with(|| {
@@ -81,7 +84,10 @@ impl Router {
             listener: config.name.clone(),
             routes,
             local: metrics.request_counters(&config.name, "", ""),
-            answers_health: !config.routes.iter().any(|r| r.service.as_deref() == Some(HEALTH_SERVICE)),
+            answers_health: !config
+                .routes
+                .iter()
+                .any(|r| r.service.as_deref() == Some(HEALTH_SERVICE)),
             shared: shared.clone(),
         }
     }

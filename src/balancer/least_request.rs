@@ -14,7 +14,10 @@ pub struct LeastRequest {
 impl LeastRequest {
     /// A P2C balancer over endpoints with these weights, sampling `choices` (at least 2) per pick.
     pub fn new(weights: &[u32], choices: usize) -> LeastRequest {
-        LeastRequest { choices: choices.max(2), sampler: Sampler::new(weights) }
+        LeastRequest {
+            choices: choices.max(2),
+            sampler: Sampler::new(weights),
+        }
     }
 }
 
@@ -30,7 +33,9 @@ impl Balance for LeastRequest {
             let i = self.sampler.sample_other_than(previous);
             previous = i;
             let e = &endpoints[i];
-            if eligible.accepts(e) && best.is_none_or(|b| less_loaded(e, &endpoints[b]) == Ordering::Less) {
+            if eligible.accepts(e)
+                && best.is_none_or(|b| less_loaded(e, &endpoints[b]) == Ordering::Less)
+            {
                 best = Some(i);
             }
         }
@@ -53,10 +58,14 @@ impl Sampler {
             return Sampler::Uniform(n);
         }
         let sum: f64 = weights.iter().map(|&w| f64::from(w)).sum();
-        let mut scaled: Vec<f64> = weights.iter().map(|&w| f64::from(w) * n as f64 / sum).collect();
+        let mut scaled: Vec<f64> = weights
+            .iter()
+            .map(|&w| f64::from(w) * n as f64 / sum)
+            .collect();
         let mut prob = vec![1.0; n];
         let mut alias: Vec<u32> = (0..n as u32).collect();
-        let (mut small, mut large): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| scaled[i] < 1.0);
+        let (mut small, mut large): (Vec<usize>, Vec<usize>) =
+            (0..n).partition(|&i| scaled[i] < 1.0);
         while let (Some(s), Some(&l)) = (small.pop(), large.last()) {
             prob[s] = scaled[s];
             alias[s] = l as u32;

@@ -206,13 +206,25 @@ impl Cluster {
             endpoints: config
                 .endpoints
                 .iter()
-                .map(|e| Arc::new(Endpoint::new(config, e, metrics, available.clone(), start_healthy)))
+                .map(|e| {
+                    Arc::new(Endpoint::new(
+                        config,
+                        e,
+                        metrics,
+                        available.clone(),
+                        start_healthy,
+                    ))
+                })
                 .collect(),
             balancer: build(config),
             available,
             panic_threshold: config.panic_threshold,
             outlier: config.outlier_detection.as_ref().map(|o| {
-                let addresses: Vec<&str> = config.endpoints.iter().map(|e| e.address.as_str()).collect();
+                let addresses: Vec<&str> = config
+                    .endpoints
+                    .iter()
+                    .map(|e| e.address.as_str())
+                    .collect();
                 OutlierDetector::new(o.clone(), &config.name, &addresses, metrics)
             }),
             duration: metrics.duration(&config.name),
@@ -223,7 +235,8 @@ impl Cluster {
     pub fn pick(&self) -> Option<usize> {
         let available = self.available.load(Ordering::Relaxed);
         let panic = self.panic_threshold > 0
-            && (available as u64) * 100 < u64::from(self.panic_threshold) * self.endpoints.len() as u64;
+            && (available as u64) * 100
+                < u64::from(self.panic_threshold) * self.endpoints.len() as u64;
         if panic {
             return self.balancer.pick(&self.endpoints, Eligible::All);
         }

@@ -17,7 +17,10 @@ pub struct RoundRobin {
 impl RoundRobin {
     /// Builds the schedule for these weights.
     pub fn new(weights: &[u32]) -> RoundRobin {
-        RoundRobin { schedule: schedule(weights), next: AtomicUsize::new(0) }
+        RoundRobin {
+            schedule: schedule(weights),
+            next: AtomicUsize::new(0),
+        }
     }
 }
 
@@ -33,7 +36,10 @@ fn gcd(a: u64, b: u64) -> u64 {
 /// the largest total and subtracts the weight sum from it. Interleaves (a:1, b:3 → b a b b) instead of
 /// sending bursts.
 fn schedule(weights: &[u32]) -> Vec<u32> {
-    let g = weights.iter().fold(0u64, |g, &w| gcd(g, u64::from(w))).max(1);
+    let g = weights
+        .iter()
+        .fold(0u64, |g, &w| gcd(g, u64::from(w)))
+        .max(1);
     let mut w: Vec<u64> = weights.iter().map(|&w| u64::from(w) / g).collect();
     let sum: u64 = w.iter().sum();
     if sum > MAX_SCHEDULE {
