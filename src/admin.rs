@@ -74,7 +74,7 @@ fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/ready" => {
             if shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
                 text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "draining\n")
-            } else if let Some(c) = shared.clusters.iter().find(|c| !c.has_available()) {
+            } else if let Some(c) = shared.clusters().iter().find(|c| !c.has_available()) {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     PLAIN,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, Notify};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::{KeyAndValueRef, MetadataMap};
 use tonic::{Request, Response, Status, Streaming};
@@ -327,7 +327,14 @@ impl EchoBackend {
                                 .max_decoding_message_size(64 << 20)
                                 .max_encoding_message_size(64 << 20),
                         )
-                        .serve_with_incoming(TcpListenerStream::new(listener));
+                        // TcpIncoming sets TCP_NODELAY on each accepted socket (Server::tcp_nodelay only
+                        // applies to serve()); without it small responses wait for delayed ACKs.
+                        .serve_with_incoming(
+                            tonic::transport::server::TcpIncoming::from_listener(
+                                listener, true, None,
+                            )
+                            .expect("incoming"),
+                        );
                     tokio::select! {
                         _ = server => {}
                         _ = kill_rx => {}

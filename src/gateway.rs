@@ -2,6 +2,8 @@
 //! on shutdown.
 
 use std::net::SocketAddr;
+
+use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,24 +14,34 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin;
 use crate::balancer::Cluster;
-use crate::config::Config;
+use crate::config::{Config, ListenerConfig};
 use crate::health;
-use crate::listener::Listener;
+use crate::listener::{self, Listener, ListenerReload};
 use crate::metrics::Metrics;
 use crate::router::Router;
 
-/// State the admin server reads.
+/// State shared by the listeners, the admin server and reloads.
 pub struct Shared {
     pub metrics: Arc<Metrics>,
-    pub clusters: Vec<Arc<Cluster>>,
+    /// The current clusters, in config order; a reload swaps the whole list.
+    clusters: ArcSwap<Vec<Arc<Cluster>>>,
     /// Set once shutdown begins: `/ready` answers 503 from then on.
     pub draining: AtomicBool,
 }
 
 impl Shared {
-    /// The cluster with this name.
-    pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
-        self.clusters.iter().find(|c| c.name == name)
+    /// The current cluster with this name.
+    pub fn cluster(&self, name: &str) -> Option<Arc<Cluster>> {
+        self.clusters
+            .load()
+            .iter()
+            .find(|c| c.name == name)
+            .cloned()
+    }
+
+    /// The current clusters, in config order.
+    pub fn clusters(&self) -> Arc<Vec<Arc<Cluster>>> {
+        self.clusters.load_full()
     }
 
     /// Whether shutdown has begun.
@@ -38,14 +50,24 @@ impl Shared {
     }
 }
 
+/// A running listener, as the gateway keeps track of it.
+struct RunningListener {
+    config: ListenerConfig,
+    addr: SocketAddr,
+    reload: ListenerReload,
+}
+
 /// A running proxy: every listener accepting, the admin server answering.
 pub struct Gateway {
     shared: Arc<Shared>,
-    listeners: Vec<(String, SocketAddr)>,
+    listeners: Mutex<Vec<RunningListener>>,
     admin_addr: Option<SocketAddr>,
+    admin_config: Option<SocketAddr>,
     shutdown: CancellationToken,
     /// Stops what must outlive the drain: the admin server and the health checkers.
     admin_shutdown: CancellationToken,
+    /// Stops the current generation of health checkers (replaced on reload).
+    health_checks: Mutex<CancellationToken>,
     connections: TaskTracker,
 }
 
@@ -53,57 +75,131 @@ impl Gateway {
     /// Binds every listener and the admin port and starts serving. Fails if an address cannot be bound.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         let metrics = Metrics::new();
+        let clusters: Vec<Arc<Cluster>> = config
+            .clusters
+            .iter()
+            .map(|c| Arc::new(Cluster::new(c, &metrics)))
+            .collect();
         let shared = Arc::new(Shared {
             metrics: metrics.clone(),
-            clusters: config
-                .clusters
-                .iter()
-                .map(|c| Arc::new(Cluster::new(c, &metrics)))
-                .collect(),
+            clusters: ArcSwap::from_pointee(clusters),
             draining: AtomicBool::new(false),
         });
         let shutdown = CancellationToken::new();
         let admin_shutdown = CancellationToken::new();
         let connections = TaskTracker::new();
-        for (cluster, c) in shared.clusters.iter().zip(&config.clusters) {
-            if let Some(hc) = &c.health_check {
-                health::spawn_active_checks(cluster, hc, &metrics, &admin_shutdown);
-            }
-        }
+        let health_checks = admin_shutdown.child_token();
+        spawn_health_checks(&shared, &config, &health_checks);
 
         let mut bound = Vec::new();
         for l in &config.listeners {
-            let router = Arc::new(ArcSwap::from_pointee(Router::new(l, &shared)));
-            let listener =
-                Listener::bind(l, router, metrics.downstream_connections(&l.name)).await?;
-            bound.push(listener);
+            let router = Router::new(l, &shared);
+            bound.push(Listener::bind(l, router, metrics.downstream_connections(&l.name)).await?);
         }
         let admin_addr = match &config.admin {
             Some(a) => Some(admin::spawn(a.listen, shared.clone(), admin_shutdown.clone()).await?),
             None => None,
         };
         let mut listeners = Vec::new();
-        for l in bound {
-            tracing::info!(listener = %l.name, addr = %l.local_addr, tls = config.listeners.iter().any(|c| c.name == l.name && c.tls.is_some()), "listening");
-            listeners.push((l.name.clone(), l.local_addr));
+        for (l, c) in bound.into_iter().zip(&config.listeners) {
+            tracing::info!(listener = %l.name, addr = %l.local_addr, tls = c.tls.is_some(), "listening");
+            listeners.push(RunningListener {
+                config: c.clone(),
+                addr: l.local_addr,
+                reload: l.reloader(),
+            });
             tokio::spawn(l.serve(shutdown.clone(), connections.clone()));
         }
         Ok(Gateway {
             shared,
-            listeners,
+            listeners: Mutex::new(listeners),
             admin_addr,
+            admin_config: config.admin.as_ref().map(|a| a.listen),
             shutdown,
             admin_shutdown,
+            health_checks: Mutex::new(health_checks),
             connections,
         })
+    }
+
+    /// Applies a new, already validated config without dropping a connection: routes, clusters,
+    /// balancers, health checks and TLS certificates change; calls in flight finish on the old ones.
+    /// Endpoints that stay keep their connections and health. Listener and admin addresses cannot
+    /// change this way (that needs a restart); such a config is refused and the running one stays.
+    pub fn reload(&self, config: Config) -> Result<(), String> {
+        let result = self.try_reload(&config);
+        self.shared.metrics.config_reload(result.is_ok());
+        match &result {
+            Ok(()) => tracing::info!(file = %config.origin, "config reloaded"),
+            Err(e) => {
+                tracing::error!(file = %config.origin, error = %e, "config reload refused; keeping the running config")
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self, config: &Config) -> Result<(), String> {
+        let mut listeners = self.listeners.lock();
+        let old: Vec<_> = listeners
+            .iter()
+            .map(|l| (l.config.name.as_str(), l.config.listen))
+            .collect();
+        let new: Vec<_> = config
+            .listeners
+            .iter()
+            .map(|l| (l.name.as_str(), l.listen))
+            .collect();
+        if old != new {
+            return Err(format!(
+                "listeners changed (running: {old:?}, new: {new:?}); adding, removing or moving a listener needs a restart"
+            ));
+        }
+        if self.admin_config != config.admin.as_ref().map(|a| a.listen) {
+            return Err("the admin address changed; that needs a restart".into());
+        }
+        let previous = self.shared.clusters();
+        let clusters: Vec<Arc<Cluster>> = config
+            .clusters
+            .iter()
+            .map(|c| {
+                let old = previous.iter().find(|p| p.name == c.name);
+                Arc::new(Cluster::reloaded(
+                    c,
+                    &self.shared.metrics,
+                    old.map(|o| &**o),
+                ))
+            })
+            .collect();
+        // Check everything that can fail before changing anything, so a reload is all or nothing.
+        let tls: Vec<_> = config
+            .listeners
+            .iter()
+            .map(|l| match &l.tls {
+                Some(t) => listener::server_tls_config(t)
+                    .map(Some)
+                    .map_err(|e| format!("listener \"{}\": {e}", l.name)),
+                None => Ok(None),
+            })
+            .collect::<Result<_, _>>()?;
+        self.shared.clusters.store(Arc::new(clusters));
+        for ((running, l), tls) in listeners.iter_mut().zip(&config.listeners).zip(tls) {
+            running.reload.apply(Router::new(l, &self.shared), tls);
+            running.config = l.clone();
+        }
+        let mut health = self.health_checks.lock();
+        health.cancel();
+        *health = self.admin_shutdown.child_token();
+        spawn_health_checks(&self.shared, config, &health);
+        Ok(())
     }
 
     /// The bound address of a listener (useful with port 0).
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
         self.listeners
+            .lock()
             .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, a)| a.to_owned())
+            .find(|l| l.config.name == name)
+            .map(|l| l.addr)
     }
 
     /// The bound address of the admin server, if one is configured.
@@ -116,9 +212,9 @@ impl Gateway {
         &self.shared.metrics
     }
 
-    /// The clusters, in config order.
-    pub fn clusters(&self) -> &[Arc<Cluster>] {
-        &self.shared.clusters
+    /// The current clusters, in config order.
+    pub fn clusters(&self) -> Arc<Vec<Arc<Cluster>>> {
+        self.shared.clusters()
     }
 
     /// Graceful shutdown: `/ready` turns 503, listeners stop accepting, every client connection gets
@@ -139,5 +235,14 @@ impl Gateway {
         }
         self.admin_shutdown.cancel();
         drained
+    }
+}
+
+/// Starts the active health checks of every cluster that has them, stopped by `token`.
+fn spawn_health_checks(shared: &Shared, config: &Config, token: &CancellationToken) {
+    for (cluster, c) in shared.clusters().iter().zip(&config.clusters) {
+        if let Some(hc) = &c.health_check {
+            health::spawn_active_checks(cluster, hc, &shared.metrics, token);
+        }
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -74,17 +74,33 @@ pub struct Listener {
 /// What every connection of a listener shares.
 struct ConnectionHandler {
     name: String,
-    tls: Option<TlsAcceptor>,
+    /// Swapped by a reload (certificate rotation); each new connection reads the current one.
+    tls: ArcSwapOption<TlsAcceptor>,
     max_concurrent_streams: u32,
-    router: Arc<ArcSwap<Router>>,
+    router: ArcSwap<Router>,
     connections: IntGauge,
+}
+
+/// Applies a reloaded config to a running listener: new routes and TLS settings take effect for new
+/// streams and connections; calls in flight finish on what they started with.
+#[derive(Clone)]
+pub struct ListenerReload(Arc<ConnectionHandler>);
+
+impl ListenerReload {
+    /// Swaps in the new router and TLS config (built with [`server_tls_config`]).
+    pub fn apply(&self, router: Router, tls: Option<rustls::ServerConfig>) {
+        self.0
+            .tls
+            .store(tls.map(|t| Arc::new(TlsAcceptor::from(Arc::new(t)))));
+        self.0.router.store(Arc::new(router));
+    }
 }
 
 impl Listener {
     /// Binds the listener's address.
     pub async fn bind(
         config: &ListenerConfig,
-        router: Arc<ArcSwap<Router>>,
+        router: Router,
         connections: IntGauge,
     ) -> io::Result<Listener> {
         let tcp = TcpListener::bind(config.listen).await.map_err(|e| {
@@ -108,12 +124,17 @@ impl Listener {
             tcp,
             handler: Arc::new(ConnectionHandler {
                 name: config.name.clone(),
-                tls,
+                tls: ArcSwapOption::from(tls.map(Arc::new)),
                 max_concurrent_streams: config.max_concurrent_streams,
-                router,
+                router: ArcSwap::from_pointee(router),
                 connections,
             }),
         })
+    }
+
+    /// A handle to reconfigure this listener while it runs.
+    pub fn reloader(&self) -> ListenerReload {
+        ListenerReload(self.handler.clone())
     }
 
     /// Accepts connections until `shutdown` fires; connection tasks go on `tracker` so the caller can
@@ -160,7 +181,7 @@ impl ConnectionHandler {
         peer: SocketAddr,
         shutdown: CancellationToken,
     ) -> Result<(), String> {
-        match &self.tls {
+        match self.tls.load_full() {
             None => self.serve_h2(tcp, peer, shutdown).await,
             Some(acceptor) => {
                 let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))

@@ -71,7 +71,7 @@ fn main() -> ExitCode {
         println!("{}: ok", path.display());
         return ExitCode::SUCCESS;
     }
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(path, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("grpcgate: {e:#}");
@@ -80,8 +80,8 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
-    let drain_timeout = config.drain_timeout;
+async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
+    let mut drain_timeout = config.drain_timeout;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -90,7 +90,22 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => tracing::warn!("SIGHUP received: config reload is not implemented yet; keeping the running config"),
+            _ = hup.recv() => {
+                tracing::info!(file = %path.display(), "SIGHUP received: reloading config");
+                // A bad file is reported with its line and key, and the running config stays.
+                match Config::from_file(&path) {
+                    Ok(config) => {
+                        let timeout = config.drain_timeout;
+                        if gateway.reload(config).is_ok() {
+                            drain_timeout = timeout;
+                        }
+                    }
+                    Err(e) => {
+                        gateway.metrics().config_reload(false);
+                        tracing::error!(error = %e, "config reload failed; keeping the running config");
+                    }
+                }
+            }
         }
     }
     tracing::info!(

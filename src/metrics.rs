@@ -27,6 +27,7 @@ pub struct Metrics {
     healthy: IntGaugeVec,
     health_checks: IntCounterVec,
     ejections: IntCounterVec,
+    reloads: IntCounterVec,
     downstream_connections: IntGaugeVec,
 }
 
@@ -91,7 +92,15 @@ impl Metrics {
             &["cluster", "endpoint"],
         )
         .expect("valid metric");
-        for c in [&requests, &health_checks, &ejections] {
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "grpcgate_config_reloads_total",
+                "SIGHUP config reloads, by result.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        for c in [&requests, &health_checks, &ejections, &reloads] {
             registry
                 .register(Box::new(c.clone()))
                 .expect("unique metric");
@@ -112,6 +121,7 @@ impl Metrics {
             healthy,
             health_checks,
             ejections,
+            reloads,
             downstream_connections,
         })
     }
@@ -168,6 +178,13 @@ impl Metrics {
     /// The ejection counter of an endpoint.
     pub fn ejections(&self, cluster: &str, endpoint: &str) -> IntCounter {
         self.ejections.with_label_values(&[cluster, endpoint])
+    }
+
+    /// Counts a config reload attempt.
+    pub fn config_reload(&self, success: bool) {
+        self.reloads
+            .with_label_values(&[if success { "success" } else { "failure" }])
+            .inc();
     }
 
     /// The open-connections gauge of a listener.

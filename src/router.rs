@@ -57,8 +57,7 @@ impl Router {
             .map(|r| {
                 let cluster = shared
                     .cluster(&r.cluster)
-                    .expect("config validation checked the cluster exists")
-                    .clone();
+                    .expect("config validation checked the cluster exists");
                 let counters = counters_by_cluster
                     .entry(&r.cluster)
                     .or_insert_with(|| {

@@ -363,6 +363,7 @@ struct Proxy {
     log: Arc<Log>,
     edge: SocketAddr,
     admin: SocketAddr,
+    config: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -425,6 +426,7 @@ endpoints = ["{endpoint}"]
             log,
             edge,
             admin,
+            config: path,
             _dir: dir,
         };
         // Poll readiness, bounded; fail fast if the process died.
@@ -683,32 +685,72 @@ async fn sigterm_refuses_new_calls_while_draining() {
 }
 
 #[tokio::test]
-async fn sighup_does_not_stop_the_proxy() {
-    let backend = EchoBackend::start("b0", Duration::ZERO)
+async fn sighup_reloads_the_config_and_keeps_the_old_one_when_the_new_one_is_bad() {
+    let b0 = EchoBackend::start("b0", Duration::ZERO)
         .await
         .expect("backend");
-    let mut proxy = Proxy::start(backend.addr).await;
+    let b1 = EchoBackend::start("b1", Duration::ZERO)
+        .await
+        .expect("backend");
+    let mut proxy = Proxy::start(b0.addr).await;
+    let mut c = bounded(connect(proxy.edge)).await.expect("connect");
+    let backend_of = |r: tonic::Response<grpcgate::pb::echo::EchoResponse>| r.into_inner().backend;
+    let call = EchoRequest {
+        payload: b"x".to_vec(),
+        ..Default::default()
+    };
+    assert_eq!(
+        backend_of(bounded(c.unary(call.clone())).await.unwrap()),
+        "b0"
+    );
+
+    // A good new config: the cluster now points at b1. The client's connection stays up.
+    let text = std::fs::read_to_string(&proxy.config).unwrap();
+    let moved = text.replace(&b0.addr.to_string(), &b1.addr.to_string());
+    std::fs::write(&proxy.config, &moved).unwrap();
     proxy.signal(libc::SIGHUP);
-    // The handler logs that reload is not implemented; once it has, the process must still be alive
-    // and serving.
-    proxy.wait_for_log("SIGHUP received").await;
-    assert!(proxy.log().contains("reload is not implemented"));
+    proxy.wait_for_log("config reloaded").await;
+    assert_eq!(
+        backend_of(bounded(c.unary(call.clone())).await.unwrap()),
+        "b1"
+    );
+
+    // A bad one: refused with file, line and key; the running config keeps serving.
+    std::fs::write(
+        &proxy.config,
+        moved.replace("name = \"echo\"\n", "name = \"echo\"\nbalancer = \"rr\"\n"),
+    )
+    .unwrap();
+    proxy.signal(libc::SIGHUP);
+    proxy.wait_for_log("config reload failed").await;
+    let path = proxy.config.display().to_string();
+    assert!(
+        proxy.log().contains(&format!(
+            "{path}:15:12: clusters[0].balancer: unknown balancer"
+        )),
+        "{}",
+        proxy.log()
+    );
     assert!(
         proxy.child.try_wait().unwrap().is_none(),
         "grpcgate exited on SIGHUP"
     );
     assert_eq!(
-        try_http_get(proxy.admin, "/ready").await.map(|r| r.0),
-        Some(200)
+        backend_of(bounded(c.unary(call.clone())).await.unwrap()),
+        "b1"
     );
-    let mut c = bounded(connect(proxy.edge)).await.expect("connect");
-    let r = bounded(c.unary(EchoRequest {
-        payload: b"after hup".to_vec(),
-        ..Default::default()
-    }))
-    .await
-    .expect("call after SIGHUP");
-    assert_eq!(r.get_ref().payload, b"after hup");
+    let (status, metrics) = try_http_get(proxy.admin, "/metrics")
+        .await
+        .expect("metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("grpcgate_config_reloads_total{result=\"success\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("grpcgate_config_reloads_total{result=\"failure\"} 1"),
+        "{metrics}"
+    );
     drop(c);
     // And an idle proxy still stops cleanly on SIGTERM.
     proxy.signal(libc::SIGTERM);

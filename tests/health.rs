@@ -360,7 +360,7 @@ async fn new_endpoints_start_unhealthy_and_only_a_successful_check_makes_them_he
     .await;
     // Unhealthy from the start, before any check could fail it (a NOT_SERVING endpoint can never
     // become healthy, so this holds whatever the checker has done by now).
-    let b1 = &gw.clusters()[0].endpoints[1];
+    let b1 = gw.clusters()[0].endpoints[1].clone();
     assert!(!b1.is_healthy(), "a new endpoint must start unhealthy");
     // The SERVING one becomes healthy after its first success; the NOT_SERVING one never does, however
     // many checks it gets (and is never seen healthy on the way).

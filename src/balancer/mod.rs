@@ -71,8 +71,8 @@ pub struct Endpoint {
     pub address: String,
     /// Relative share of calls.
     pub weight: u32,
-    /// The h2c connections to this endpoint.
-    pub pool: Pool,
+    /// The h2c connections to this endpoint (kept across reloads while the address stays).
+    pub pool: Arc<Pool>,
     in_flight: AtomicUsize,
     /// The active health checker's verdict.
     healthy: AtomicBool,
@@ -95,6 +95,7 @@ impl Endpoint {
         metrics: &Metrics,
         cluster_available: Arc<AtomicUsize>,
         healthy: bool,
+        pool: Option<Arc<Pool>>,
     ) -> Endpoint {
         let healthy_gauge = metrics.healthy(&cluster.name, &config.address);
         healthy_gauge.set(i64::from(healthy));
@@ -104,7 +105,8 @@ impl Endpoint {
         Endpoint {
             address: config.address.clone(),
             weight: config.weight,
-            pool: Pool::new(&config.address, cluster.connect_timeout),
+            pool: pool
+                .unwrap_or_else(|| Arc::new(Pool::new(&config.address, cluster.connect_timeout))),
             in_flight: AtomicUsize::new(0),
             healthy: AtomicBool::new(healthy),
             ejected: AtomicBool::new(false),
@@ -189,6 +191,7 @@ pub struct Cluster {
     balancer: Box<dyn Balance>,
     available: Arc<AtomicUsize>,
     panic_threshold: u32,
+    connect_timeout: std::time::Duration,
     /// Passive outlier detection, when configured.
     pub outlier: Option<OutlierDetector>,
     /// `grpcgate_request_duration_seconds{cluster}`.
@@ -199,23 +202,47 @@ impl Cluster {
     /// Builds a cluster from its config, registering its metrics. With active health checks,
     /// endpoints start unhealthy unless the config says otherwise.
     pub fn new(config: &ClusterConfig, metrics: &Metrics) -> Cluster {
+        Self::reloaded(config, metrics, None)
+    }
+
+    /// Builds a cluster that replaces `previous` (a reload): endpoints whose address stays keep their
+    /// connections and their health verdict, so a reload neither reconnects nor blips availability.
+    pub fn reloaded(
+        config: &ClusterConfig,
+        metrics: &Metrics,
+        previous: Option<&Cluster>,
+    ) -> Cluster {
         let available = Arc::new(AtomicUsize::new(0));
         let start_healthy = config.health_check.as_ref().is_none_or(|h| h.start_healthy);
+        let endpoints = config
+            .endpoints
+            .iter()
+            .map(|e| {
+                let old =
+                    previous.and_then(|p| p.endpoints.iter().find(|o| o.address == e.address));
+                // Without health checks now, every endpoint is healthy; otherwise keep what was known.
+                let healthy = match (old, &config.health_check) {
+                    (Some(o), Some(_)) => o.is_healthy(),
+                    _ => start_healthy,
+                };
+                let pool = old
+                    .filter(|_| {
+                        previous.is_some_and(|p| p.connect_timeout == config.connect_timeout)
+                    })
+                    .map(|o| o.pool.clone());
+                Arc::new(Endpoint::new(
+                    config,
+                    e,
+                    metrics,
+                    available.clone(),
+                    healthy,
+                    pool,
+                ))
+            })
+            .collect();
         Cluster {
             name: config.name.clone(),
-            endpoints: config
-                .endpoints
-                .iter()
-                .map(|e| {
-                    Arc::new(Endpoint::new(
-                        config,
-                        e,
-                        metrics,
-                        available.clone(),
-                        start_healthy,
-                    ))
-                })
-                .collect(),
+            endpoints,
             balancer: build(config),
             available,
             panic_threshold: config.panic_threshold,
@@ -227,6 +254,7 @@ impl Cluster {
                     .collect();
                 OutlierDetector::new(o.clone(), &config.name, &addresses, metrics)
             }),
+            connect_timeout: config.connect_timeout,
             duration: metrics.duration(&config.name),
         }
     }
