@@ -238,6 +238,13 @@ impl ConnectionHandler {
                 let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(resp.as_bytes()))
                     .await;
                 let _ = io.shutdown().await;
+                // Read what the client still sends before closing: closing with unread data makes
+                // the kernel send RST, which can destroy the 505 before the client reads it.
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    let mut sink = [0u8; 1024];
+                    while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
+                })
+                .await;
                 return Err(format!("{what}; answered 505"));
             }
             Ok(Err(e)) => return Err(e),
