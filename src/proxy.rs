@@ -15,7 +15,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
-use http::header::{HeaderMap, HeaderName, CONNECTION, TE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{
+    HeaderMap, HeaderName, CONNECTION, CONTENT_TYPE, TE, TRANSFER_ENCODING, UPGRADE,
+};
 use http::uri::{Parts, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use tokio::time::Instant;
@@ -146,10 +148,14 @@ async fn forward(
     let mut req_done = end_of_stream;
     let mut resp_fut = pin!(resp_fut);
 
-    // Phase 1: wait for the upstream response headers.
+    // Phase 1: wait for the upstream response headers. `biased`, deadline first: the upstream got the
+    // same deadline and may answer "timed out" at the same moment, but the client must see ours.
     let response = loop {
         tokio::select! {
-            r = &mut resp_fut => break r,
+            biased;
+            _ = &mut deadline_sleep, if deadline.is_some() => break None,
+            _ = poll_fn(|cx| respond.poll_reset(cx)) => return (Some(idx), Code::Cancelled),
+            r = &mut resp_fut => break Some(r),
             r = &mut req_pump, if !req_done => {
                 req_done = true;
                 if let Err(PumpError::Src(_)) = r {
@@ -158,12 +164,15 @@ async fn forward(
                 }
                 // Ok, or the upstream stopped reading: the response (or its error) comes next.
             }
-            _ = poll_fn(|cx| respond.poll_reset(cx)) => return (Some(idx), Code::Cancelled),
-            _ = &mut deadline_sleep, if deadline.is_some() => {
-                let status = deadline_status();
-                reply(respond, &status);
-                return (Some(idx), status.code);
-            }
+        }
+    };
+    // An answer that arrives after our deadline passed (the timer not yet polled) still loses to it.
+    let response = match response {
+        Some(r) if deadline.is_none_or(|d| Instant::now() < d) => r,
+        _ => {
+            let status = deadline_status();
+            reply(respond, &status);
+            return (Some(idx), status.code);
         }
     };
     let response = match response {
@@ -189,6 +198,26 @@ async fn forward(
     let trailers_only = up_body.is_end_stream();
     let mut head = head;
     let header_code = head.headers.get(&GRPC_STATUS).map(Code::from_header);
+    // A 200 that is not gRPC (an HTML error page, a misrouted HTTP server). A trailers-only answer
+    // with a grpc-status is gRPC even if the server left out the content-type.
+    let is_grpc = grpc::is_grpc_content_type(head.headers.get(CONTENT_TYPE))
+        || (trailers_only && header_code.is_some());
+    if !is_grpc {
+        let content_type = head
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none");
+        let status = Status::new(
+            Code::Unknown,
+            format!(
+                "grpcgate: upstream {} answered HTTP 200 with content-type \"{content_type}\" instead of gRPC",
+                endpoint.address
+            ),
+        );
+        reply(respond, &status);
+        return (Some(idx), status.code);
+    }
     if trailers_only && header_code.is_none() {
         missing_status(endpoint).write_to(&mut head.headers);
     }
@@ -215,6 +244,8 @@ async fn forward(
         ));
         loop {
             tokio::select! {
+                biased;
+                _ = &mut deadline_sleep, if deadline.is_some() => break End::Deadline,
                 r = &mut resp_pump => break End::Done(r),
                 r = &mut req_pump, if !req_done => {
                     req_done = true;
@@ -222,7 +253,6 @@ async fn forward(
                         break End::ClientGone;
                     }
                 }
-                _ = &mut deadline_sleep, if deadline.is_some() => break End::Deadline,
             }
         }
     };

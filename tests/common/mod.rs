@@ -138,3 +138,107 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// A loopback address with nothing listening on it: the port is bound (so no other test can take it)
+/// but never listened on, so a connect is refused. Keep the returned socket alive while the address is
+/// in use.
+pub fn dead_endpoint() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.1:0".parse().unwrap())
+        .expect("bind a free port");
+    let addr = socket.local_addr().expect("local addr");
+    (socket, addr)
+}
+
+/// Scrapes `/metrics` until `check` accepts the scrape (returns `Ok`), and returns that scrape. Metrics
+/// are updated just after a call's last frame goes out, so a test that has seen a call end must wait for
+/// the metric rather than read it once. Panics with the last `check` error after [`WAIT`].
+pub async fn eventually<F>(gw: &Gateway, check: F) -> prometheus_parse::Scrape
+where
+    F: Fn(&prometheus_parse::Scrape) -> Result<(), String>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let s = scrape(gw).await;
+        match check(&s) {
+            Ok(()) => return s,
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                panic!("metrics never reached the expected state: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// `grpcgate_requests_total` summed by `grpc_status` (statuses with a zero count left out).
+pub fn status_counts(s: &prometheus_parse::Scrape) -> std::collections::BTreeMap<String, f64> {
+    let mut m = std::collections::BTreeMap::new();
+    for x in s
+        .samples
+        .iter()
+        .filter(|x| x.metric == "grpcgate_requests_total")
+    {
+        if let prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) = x.value {
+            if v != 0.0 {
+                *m.entry(x.labels.get("grpc_status").unwrap_or("").to_string())
+                    .or_insert(0.0) += v;
+            }
+        }
+    }
+    m
+}
+
+/// Every `grpcgate_endpoint_in_flight` sample that is not 0, as (endpoint, value).
+pub fn busy_endpoints(s: &prometheus_parse::Scrape) -> Vec<(String, f64)> {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == "grpcgate_endpoint_in_flight")
+        .filter_map(|x| match x.value {
+            prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) if v != 0.0 => {
+                Some((x.labels.get("endpoint").unwrap_or("").to_string(), v))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Waits until no call is in flight to any endpoint and `grpcgate_requests_total` by status is exactly
+/// `expected` (status name, count); returns that scrape.
+pub async fn wait_settled(gw: &Gateway, expected: &[(&str, u64)]) -> prometheus_parse::Scrape {
+    let want: std::collections::BTreeMap<String, f64> = expected
+        .iter()
+        .filter(|(_, n)| *n != 0)
+        .map(|(k, n)| (k.to_string(), *n as f64))
+        .collect();
+    eventually(gw, |s| {
+        let busy = busy_endpoints(s);
+        let got = status_counts(s);
+        if busy.is_empty() && got == want {
+            Ok(())
+        } else {
+            Err(format!(
+                "in flight {busy:?} (want none); requests by status {got:?} (want {want:?})"
+            ))
+        }
+    })
+    .await
+}
+
+/// Waits until `sample(name, labels)` is exactly `want`; returns that scrape.
+pub async fn wait_sample(
+    gw: &Gateway,
+    name: &str,
+    labels: &[(&str, &str)],
+    want: f64,
+) -> prometheus_parse::Scrape {
+    eventually(gw, |s| {
+        let got = sample(s, name, labels);
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{name}{labels:?} is {got}, want {want}"))
+        }
+    })
+    .await
+}
