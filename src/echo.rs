@@ -292,6 +292,16 @@ impl EchoBackend {
         name: &str,
         delay: Duration,
     ) -> std::io::Result<EchoBackend> {
+        Self::start_with(addr, name, delay, None).await
+    }
+
+    /// Starts a backend that announces `SETTINGS_MAX_CONCURRENT_STREAMS = max_streams` (None: no limit).
+    pub async fn start_with(
+        addr: SocketAddr,
+        name: &str,
+        delay: Duration,
+        max_streams: Option<u32>,
+    ) -> std::io::Result<EchoBackend> {
         let std_listener = std::net::TcpListener::bind(addr)?;
         std_listener.set_nonblocking(true)?;
         let addr = std_listener.local_addr()?;
@@ -320,7 +330,7 @@ impl EchoBackend {
                         .await;
                     let _ = health_tx.send(reporter);
                     let server = tonic::transport::Server::builder()
-                        .tcp_nodelay(true)
+                        .max_concurrent_streams(max_streams)
                         .add_service(health_service)
                         .add_service(
                             EchoServer::new(service)

@@ -13,6 +13,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use h2::client::SendRequest;
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::header::{
@@ -22,7 +23,7 @@ use http::uri::{Parts, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use tokio::time::Instant;
 
-use crate::balancer::{Cluster, Endpoint};
+use crate::balancer::{Cluster, Endpoint, InFlight};
 use crate::grpc::{self, Code, Status, GRPC_STATUS, GRPC_TIMEOUT};
 use crate::health;
 use crate::router::{Route, Router};
@@ -115,7 +116,7 @@ async fn forward(
         _ = &mut deadline_sleep, if deadline.is_some() => Err(deadline_status()),
         _ = poll_fn(|cx| respond.poll_reset(cx)) => return (None, Code::Cancelled),
     };
-    let (idx, lease, mut sender) = match acquired {
+    let (idx, _in_flight, lease, mut sender) = match acquired {
         Ok(x) => x,
         Err(status) => {
             reply(respond, &status);
@@ -123,7 +124,6 @@ async fn forward(
         }
     };
     let endpoint = &cluster.endpoints[idx];
-    let _in_flight = endpoint.start_call();
 
     strip_hop_by_hop(&mut parts.headers);
     if let Some(d) = deadline {
@@ -292,7 +292,7 @@ fn missing_status(endpoint: &Endpoint) -> Status {
 /// next healthy endpoint (the call has not been sent anywhere yet, so this is always safe).
 async fn acquire(
     cluster: &Cluster,
-) -> Result<(usize, Lease, h2::client::SendRequest<Bytes>), Status> {
+) -> Result<(usize, InFlight, Lease, SendRequest<Bytes>), Status> {
     let n = cluster.endpoints.len();
     let first = cluster.pick().ok_or_else(|| {
         Status::new(
@@ -310,11 +310,13 @@ async fn acquire(
         if k > 0 && !endpoint.is_available() {
             continue;
         }
+        // Counted from the pick, so calls waiting for a new connection count as load on it.
+        let in_flight = endpoint.start_call();
         // Two tries per endpoint: a pooled connection may have just received GOAWAY.
         for _ in 0..2 {
             match endpoint.pool.acquire().await {
                 Ok(lease) => match lease.sender().ready().await {
-                    Ok(sender) => return Ok((i, lease, sender)),
+                    Ok(sender) => return Ok((i, in_flight, lease, sender)),
                     Err(e) => {
                         lease.discard();
                         last_error = format!("{}: {e}", endpoint.address);

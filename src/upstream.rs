@@ -198,21 +198,37 @@ impl Pool {
 
     async fn connect(&self) -> Result<Arc<Conn>, String> {
         let address = &self.address;
+        let closed = Arc::new(AtomicBool::new(false));
         let attempt = async {
             let tcp = TcpStream::connect(address.as_str())
                 .await
                 .map_err(|e| format!("connect to {address} failed: {e}"))?;
             let _ = tcp.set_nodelay(true);
-            let (send, conn) = h2::client::Builder::new()
+            let (send, mut connection) = h2::client::Builder::new()
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
                 .enable_push(false)
                 .handshake::<_, Bytes>(tcp)
                 .await
                 .map_err(|e| format!("HTTP/2 handshake with {address} failed: {e}"))?;
-            Ok::<_, String>((send, conn))
+            let mut ping = connection.ping_pong().expect("ping_pong is taken once");
+            let closed = closed.clone();
+            let addr = address.clone();
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended");
+                }
+                closed.store(true, Ordering::Relaxed);
+            });
+            // The peer's SETTINGS come before its PING ACK: once the pong is back, the connection's
+            // stream limit is the peer's, and a burst of calls spreads over enough connections
+            // instead of queueing on this one. It also proves the peer speaks HTTP/2.
+            ping.ping(h2::Ping::opaque())
+                .await
+                .map_err(|e| format!("HTTP/2 handshake with {address} failed: {e}"))?;
+            Ok::<_, String>(send)
         };
-        let (send, connection) = tokio::time::timeout(self.connect_timeout, attempt)
+        let send = tokio::time::timeout(self.connect_timeout, attempt)
             .await
             .map_err(|_| {
                 format!(
@@ -220,15 +236,6 @@ impl Pool {
                     self.connect_timeout.as_millis()
                 )
             })??;
-        let closed = Arc::new(AtomicBool::new(false));
-        let closed2 = closed.clone();
-        let addr = address.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended");
-            }
-            closed2.store(true, Ordering::Relaxed);
-        });
         tracing::debug!(endpoint = %address, "upstream connection established");
         Ok(Arc::new(Conn {
             send,

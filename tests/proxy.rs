@@ -1326,3 +1326,38 @@ async fn large_server_stream_completes() {
     assert_eq!(n, MESSAGES);
     wait_settled(&gw, &[("OK", 1)]).await;
 }
+
+/// An upstream that allows only 4 concurrent streams per connection gets more connections, not a queue:
+/// 20 slow calls at once all run at the same time over 5 upstream connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_stream_limit_opens_more_connections() {
+    let b = grpcgate::echo::EchoBackend::start_with(
+        "127.0.0.1:0".parse().unwrap(),
+        "b0",
+        Duration::ZERO,
+        Some(4),
+    )
+    .await
+    .expect("backend");
+    let stats = b.stats.clone();
+    let gw = start(&config_text(&[b.addr], "round_robin", "", "")).await;
+    let c = edge_client(&gw).await;
+    // Warm one connection so the proxy has seen the backend's SETTINGS before the burst.
+    bounded(c.clone().unary(msg(b"warm"))).await.unwrap();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let mut c = c.clone();
+        calls.spawn(async move { c.unary(slow(1_000)).await });
+    }
+    // All 20 reach the backend at once (1 + 20 started): none waits behind the 4-stream limit.
+    bounded(stats.wait_started(21)).await;
+    let pool = &gw.clusters()[0].endpoints[0].pool;
+    assert!(
+        pool.connections() >= 5,
+        "{} upstream connection(s)",
+        pool.connections()
+    );
+    while let Some(r) = bounded(calls.join_next()).await {
+        r.expect("task").expect("call");
+    }
+}

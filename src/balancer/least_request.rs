@@ -78,23 +78,26 @@ impl Sampler {
         Sampler::Alias { prob, alias }
     }
 
-    /// A sample that differs from `previous` (always, for uniform weights; almost always otherwise:
-    /// a heavy endpoint may be drawn twice after a few tries, which only costs a wasted comparison).
+    /// A sample that differs from `previous`, so two choices always compare two endpoints. Weighted:
+    /// redraw a few times (keeping the draw proportional to weight), then take any other endpoint.
     #[inline]
     fn sample_other_than(&self, previous: usize) -> usize {
-        match self {
-            Sampler::Uniform(n) if previous < *n => (previous + 1 + fastrand::usize(..*n - 1)) % n,
-            _ => {
-                let mut i = self.sample();
-                for _ in 0..3 {
-                    if i != previous {
-                        break;
-                    }
-                    i = self.sample();
+        let n = match self {
+            Sampler::Uniform(n) => *n,
+            Sampler::Alias { prob, .. } => prob.len(),
+        };
+        if previous >= n {
+            return self.sample();
+        }
+        if let Sampler::Alias { .. } = self {
+            for _ in 0..8 {
+                let i = self.sample();
+                if i != previous {
+                    return i;
                 }
-                i
             }
         }
+        (previous + 1 + fastrand::usize(..n - 1)) % n
     }
 
     #[inline]

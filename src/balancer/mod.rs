@@ -371,6 +371,18 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn weighted_p2c_always_compares_two_endpoints() {
+        // The heavy endpoint is busy: every pick must see the idle light one, even though a weighted
+        // draw names the heavy one most of the time.
+        let c = cluster(
+            "least_request",
+            r#"["a:1", { address = "b:1", weight = 3 }]"#,
+        );
+        let _held: Vec<_> = (0..300).map(|_| c.endpoints[1].start_call()).collect();
+        assert_eq!(spread(&c, 10_000), vec![10_000, 0]);
+    }
+
+    #[test]
     fn in_flight_guard_never_leaks() {
         let c = cluster("round_robin", r#"["a:1"]"#);
         {
