@@ -94,6 +94,8 @@ pub struct ClusterConfig {
     pub panic_threshold: u32,
     /// Limit for one TCP connect + HTTP/2 handshake to an endpoint.
     pub connect_timeout: Duration,
+    /// Most concurrent calls on one upstream connection (fewer if the endpoint announces fewer).
+    pub max_streams_per_connection: u32,
 }
 
 /// One upstream endpoint of a cluster.
@@ -167,6 +169,9 @@ impl std::error::Error for ConfigError {}
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// RFC 9113 recommends servers allow at least 100 streams; staying at 100 per upstream connection keeps
+/// the blast radius of one connection's failure (or GOAWAY) small and spreads load over more sockets.
+const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 100;
 
 // ---- raw schema, as written in the file ----
 
@@ -227,6 +232,7 @@ struct RawCluster {
     outlier_detection: Option<RawOutlier>,
     panic_threshold: Option<Spanned<u32>>,
     connect_timeout: Option<Spanned<DurationStr>>,
+    max_streams_per_connection: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -662,6 +668,17 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
                 })
             }
         };
+        let max_streams_per_connection = match &c.max_streams_per_connection {
+            Some(v) if *v.get_ref() == 0 => {
+                return Err(loc.at(
+                    v,
+                    &key("max_streams_per_connection"),
+                    "max_streams_per_connection must be at least 1",
+                ))
+            }
+            Some(v) => *v.get_ref(),
+            None => DEFAULT_MAX_STREAMS_PER_CONNECTION,
+        };
         clusters.push(ClusterConfig {
             name,
             balancer: c.balancer.0,
@@ -671,6 +688,7 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
             outlier_detection,
             panic_threshold,
             connect_timeout,
+            max_streams_per_connection,
         });
     }
 

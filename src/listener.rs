@@ -259,6 +259,7 @@ impl ConnectionHandler {
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_concurrent_streams(self.max_concurrent_streams)
+            .max_concurrent_reset_streams(crate::upstream::RESET_STREAM_MEMORY)
             .handshake::<_, Bytes>(io)
             .await
             .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;

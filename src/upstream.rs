@@ -22,6 +22,8 @@ pub const STREAM_WINDOW: u32 = 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 /// More than this many connections to one endpoint and new calls queue on the least-loaded one.
 const MAX_CONNECTIONS: usize = 64;
+/// How many recently reset streams h2 remembers per connection (see the builders).
+pub const RESET_STREAM_MEMORY: usize = 1024;
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
@@ -74,6 +76,8 @@ struct Backoff {
 pub struct Pool {
     address: String,
     connect_timeout: Duration,
+    /// Our own cap on streams per connection; the peer's SETTINGS may lower it.
+    max_streams: usize,
     conns: Mutex<Vec<Arc<Conn>>>,
     /// Serialises connects so a burst of calls opens one connection, not one each. Only the slow
     /// path (no usable connection) waits on it.
@@ -106,10 +110,11 @@ impl Drop for Lease {
 
 impl Pool {
     /// An empty pool for `address` (`host:port`); connections open on first use.
-    pub fn new(address: &str, connect_timeout: Duration) -> Pool {
+    pub fn new(address: &str, connect_timeout: Duration, max_streams: u32) -> Pool {
         Pool {
             address: address.to_string(),
             connect_timeout,
+            max_streams: max_streams as usize,
             conns: Mutex::new(Vec::new()),
             connecting: tokio::sync::Mutex::new(()),
             backoff: Mutex::new(Backoff::default()),
@@ -181,7 +186,7 @@ impl Pool {
         let mut best: Option<&Arc<Conn>> = None;
         for c in conns.iter() {
             let active = c.active.load(Ordering::Relaxed);
-            let has_room = active < c.send.current_max_send_streams();
+            let has_room = active < c.send.current_max_send_streams().min(self.max_streams);
             if (has_room || overflow || full)
                 && best.is_none_or(|b| active < b.active.load(Ordering::Relaxed))
             {
@@ -208,6 +213,9 @@ impl Pool {
                 .initial_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
                 .enable_push(false)
+                // Calls we cancel (client gone, deadline) leave reset streams whose late frames h2 must
+                // still recognise; the default memory of 50 is far below a busy proxy's cancel rate.
+                .max_concurrent_reset_streams(RESET_STREAM_MEMORY)
                 .handshake::<_, Bytes>(tcp)
                 .await
                 .map_err(|e| format!("HTTP/2 handshake with {address} failed: {e}"))?;

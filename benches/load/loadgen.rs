@@ -120,6 +120,10 @@ struct Args {
     /// Proxy process(es) to account CPU and RSS of (their descendants are included).
     #[arg(long, value_delimiter = ',')]
     proxy_pid: Vec<u32>,
+    /// Diagnostic: send each request message in a DATA frame without END_STREAM followed by an empty
+    /// DATA frame with END_STREAM (two frames, the way some proxies forward), instead of one frame.
+    #[arg(long)]
+    split_end_stream: bool,
     /// The proxy's CPU (to report other processes' use of it during the window).
     #[arg(long)]
     proxy_cpu: Option<usize>,
@@ -245,6 +249,7 @@ struct CallSpec {
     body: Bytes,
     path: &'static str,
     count_messages: bool,
+    split_end_stream: bool,
 }
 
 fn make_uri(addr: SocketAddr, path: &str) -> Uri {
@@ -266,7 +271,12 @@ async fn call(
     req.headers_mut().insert(CONTENT_TYPE, GRPC.clone());
     req.headers_mut().insert(TE, TRAILERS.clone());
     let (resp, mut tx) = sender.send_request(req, false).map_err(classify)?;
-    tx.send_data(spec.body.clone(), true).map_err(classify)?;
+    if spec.split_end_stream {
+        tx.send_data(spec.body.clone(), false).map_err(classify)?;
+        tx.send_data(Bytes::new(), true).map_err(classify)?;
+    } else {
+        tx.send_data(spec.body.clone(), true).map_err(classify)?;
+    }
     let resp = resp.await.map_err(classify)?;
     if resp.status() != http::StatusCode::OK {
         return Err(CallErr::Stream(format!("HTTP {}", resp.status())));
@@ -593,6 +603,7 @@ fn call_spec(args: &Args) -> CallSpec {
             "/echo.Echo/Unary"
         },
         count_messages: streaming,
+        split_end_stream: args.split_end_stream,
     }
 }
 
@@ -764,8 +775,9 @@ struct Interference {
     steal: f64,
 }
 
-/// Per CPU from /proc/stat: (user + nice + system ticks, steal ticks). Interrupt time is left out, so
-/// the busy figure is comparable with processes' utime + stime.
+/// Per CPU from /proc/stat: (user + nice + system + irq + softirq ticks, steal ticks). A tick that
+/// lands in interrupt context is also charged to the running task's stime, so this busy figure is
+/// comparable with processes' utime + stime.
 fn read_proc_stat() -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     let Ok(s) = std::fs::read_to_string("/proc/stat") else {
@@ -786,7 +798,7 @@ fn read_proc_stat() -> Vec<(u64, u64)> {
         if out.len() <= n {
             out.resize(n + 1, (0, 0));
         }
-        out[n] = (f[0] + f[1] + f[2], f[7]);
+        out[n] = (f[0] + f[1] + f[2] + f[5] + f[6], f[7]);
     }
     out
 }
@@ -1154,6 +1166,7 @@ fn run_idle(args: &Args) -> anyhow::Result<Value> {
         "system": args.label,
         "scenario": args.name.clone().unwrap_or_else(|| "idle".into()),
         "kind": "idle",
+        "requested": n,
         "connections": opened,
         "errors": errors.errors,
         "error_kinds": errors.error_kinds,
@@ -1264,12 +1277,13 @@ fn report(args: &Args) -> anyhow::Result<()> {
         md.push_str(&describe(first));
         md.push_str("\n\n");
         if kind == "idle" {
-            md.push_str("| system | connections | RSS before (MiB) | RSS after (MiB) | RSS per idle connection (KiB) |\n|---|---:|---:|---:|---:|\n");
+            md.push_str("| system | connections open | failed | RSS before (MiB) | RSS after (MiB) | RSS per idle connection (KiB) |\n|---|---:|---:|---:|---:|---:|\n");
             for sys in SYSTEMS {
                 if let Some(r) = find(scenario, sys) {
                     md.push_str(&format!(
-                        "| {sys} | {} | {} | {} | {} |\n",
+                        "| {sys} | {} | {} | {} | {} | {} |\n",
                         fmt_num(num(r, "connections"), 0),
+                        fmt_num(num(r, "errors"), 0),
                         fmt_num(num(r, "rss_before_kib").map(|k| k / 1024.0), 1),
                         fmt_num(num(r, "rss_after_kib").map(|k| k / 1024.0), 1),
                         fmt_num(num(r, "rss_per_conn_kib"), 2),
@@ -1543,8 +1557,8 @@ fn describe(r: &Value) -> String {
             g("connections"), g("requests_per_conn"), g("duration_s")
         ),
         "idle" => format!(
-            "{} idle h2c connections (one call each, then idle); proxy RSS growth per connection.",
-            g("connections")
+            "{} h2c connections opened at once (one call each, then idle); proxy RSS growth per open connection.",
+            r.get("requested").map(|v| v.to_string()).unwrap_or_else(|| "1000".into())
         ),
         _ => String::new(),
     }

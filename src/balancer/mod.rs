@@ -105,8 +105,13 @@ impl Endpoint {
         Endpoint {
             address: config.address.clone(),
             weight: config.weight,
-            pool: pool
-                .unwrap_or_else(|| Arc::new(Pool::new(&config.address, cluster.connect_timeout))),
+            pool: pool.unwrap_or_else(|| {
+                Arc::new(Pool::new(
+                    &config.address,
+                    cluster.connect_timeout,
+                    cluster.max_streams_per_connection,
+                ))
+            }),
             in_flight: AtomicUsize::new(0),
             healthy: AtomicBool::new(healthy),
             ejected: AtomicBool::new(false),
@@ -191,7 +196,8 @@ pub struct Cluster {
     balancer: Box<dyn Balance>,
     available: Arc<AtomicUsize>,
     panic_threshold: u32,
-    connect_timeout: std::time::Duration,
+    /// What the endpoints' pools were built with; pools are only reused by a reload that keeps them.
+    pool_settings: (std::time::Duration, u32),
     /// Passive outlier detection, when configured.
     pub outlier: Option<OutlierDetector>,
     /// `grpcgate_request_duration_seconds{cluster}`.
@@ -227,7 +233,10 @@ impl Cluster {
                 };
                 let pool = old
                     .filter(|_| {
-                        previous.is_some_and(|p| p.connect_timeout == config.connect_timeout)
+                        previous.is_some_and(|p| {
+                            p.pool_settings
+                                == (config.connect_timeout, config.max_streams_per_connection)
+                        })
                     })
                     .map(|o| o.pool.clone());
                 Arc::new(Endpoint::new(
@@ -254,7 +263,7 @@ impl Cluster {
                     .collect();
                 OutlierDetector::new(o.clone(), &config.name, &addresses, metrics)
             }),
-            connect_timeout: config.connect_timeout,
+            pool_settings: (config.connect_timeout, config.max_streams_per_connection),
             duration: metrics.duration(&config.name),
         }
     }
