@@ -39,9 +39,13 @@ pub async fn serve_stream(
     let path = req.uri().path();
     if router.answers_health && path == health::CHECK_PATH {
         let shared = &router.shared;
-        let code = health::answer_check(req, respond, shared.is_draining(), |name| {
-            shared.cluster(name).map(|c| c.has_available())
-        })
+        // Boxed: a rare path whose state would otherwise enlarge every call's task.
+        let code = Box::pin(health::answer_check(
+            req,
+            respond,
+            shared.is_draining(),
+            |name| shared.cluster(name).map(|c| c.has_available()),
+        ))
         .await;
         router.local.inc(code);
         return;
@@ -520,5 +524,21 @@ impl Future for Pump<'_> {
                 PumpState::Done => return Poll::Ready(Ok(None)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    fn future_size<A, B, C, Fut>(_: impl FnOnce(A, B, C) -> Fut) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every call's task holds this future, allocated and moved once per call: keep it small (the
+    /// connect path, which is large, is boxed).
+    #[test]
+    fn serve_stream_future_stays_small() {
+        let size = future_size(super::serve_stream);
+        println!("serve_stream future: {size} bytes");
+        assert!(size <= 3072, "serve_stream future grew to {size} bytes");
     }
 }

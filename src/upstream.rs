@@ -135,6 +135,12 @@ impl Pool {
         if let Some(lease) = self.try_lease(false) {
             return Ok(lease);
         }
+        // Boxed: the connect path's state (TCP connect, h2 handshake) is large, and inline it would
+        // make every call's task that much bigger to allocate and move.
+        Box::pin(self.acquire_slow()).await
+    }
+
+    async fn acquire_slow(&self) -> Result<Lease, ConnectError> {
         self.check_backoff()?;
         let _connecting = self.connecting.lock().await;
         // Someone else may have connected while we waited.
