@@ -474,13 +474,24 @@ impl Future for Pump<'_> {
                             }
                         }
                         let part = chunk.split_to(cap.min(chunk.len()));
-                        if let Err(e) = this.dst.send_data(part, false) {
+                        // The source already ended with this frame (END_STREAM on DATA, no trailers):
+                        // end ours with it too rather than with a separate empty DATA frame, which
+                        // doubles the frames and trips peers' small-frame flood limits.
+                        let last = chunk.is_empty()
+                            && this.missing_trailers.is_none()
+                            && this.src.is_end_stream();
+                        if let Err(e) = this.dst.send_data(part, last) {
                             return Poll::Ready(Err(PumpError::Dst(Some(e))));
                         }
                         if chunk.is_empty() {
+                            // Connection-level credit must come back even for a stream's last frame.
                             let credit = *credit;
                             this.pending = None;
                             let _ = this.src.flow_control().release_capacity(credit);
+                            if last {
+                                this.state = PumpState::Done;
+                                return Poll::Ready(Ok(None));
+                            }
                         } else {
                             this.dst.reserve_capacity(chunk.len());
                         }
