@@ -407,9 +407,53 @@ impl Locator<'_> {
         }
     }
 
+    /// An optional duration that must be greater than zero; `default` when absent.
+    fn duration(
+        &self,
+        v: &Option<Spanned<DurationStr>>,
+        key: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(d) if d.get_ref().0.is_zero() => {
+                Err(self.at(d, key, format!("{} must be greater than zero", leaf(key))))
+            }
+            Some(d) => Ok(d.get_ref().0),
+        }
+    }
+
+    /// An optional integer that must lie in `range`; `default` when absent.
+    fn int(
+        &self,
+        v: &Option<Spanned<u32>>,
+        key: &str,
+        range: impl std::ops::RangeBounds<u32>,
+        default: u32,
+    ) -> Result<u32, ConfigError> {
+        use std::ops::Bound::{Included, Unbounded};
+        let Some(v) = v else { return Ok(default) };
+        if range.contains(v.get_ref()) {
+            return Ok(*v.get_ref());
+        }
+        let name = leaf(key);
+        let message = match (range.start_bound(), range.end_bound()) {
+            (Included(0), Included(100)) => format!("{name} is a percentage (0-100)"),
+            (Included(lo), Unbounded) => format!("{name} must be at least {lo}"),
+            (Included(lo), Included(hi)) => format!("{name} must be between {lo} and {hi}"),
+            _ => format!("{name} is out of range"),
+        };
+        Err(self.at(v, key, message))
+    }
+
     fn at<T>(&self, spanned: &Spanned<T>, key: &str, message: impl Into<String>) -> ConfigError {
         self.err(Some(spanned.span()), key, message)
     }
+}
+
+/// The last segment of a key path (`clusters[0].health_check.interval` -> `interval`).
+fn leaf(key: &str) -> &str {
+    key.rsplit('.').next().unwrap_or(key)
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -541,44 +585,21 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
             None => None,
             Some(h) => {
                 let hk = |k: &str| key(&format!("health_check.{k}"));
-                let interval = h
-                    .interval
-                    .as_ref()
-                    .map_or(Duration::from_secs(5), |d| d.get_ref().0);
-                let timeout = h
-                    .timeout
-                    .as_ref()
-                    .map_or(Duration::from_secs(1), |d| d.get_ref().0);
-                if let Some(d) = &h.interval {
-                    if interval.is_zero() {
-                        return Err(loc.at(
-                            d,
-                            &hk("interval"),
-                            "interval must be greater than zero",
-                        ));
-                    }
-                }
-                if let Some(d) = &h.timeout {
-                    if timeout.is_zero() {
-                        return Err(loc.at(d, &hk("timeout"), "timeout must be greater than zero"));
-                    }
-                }
-                let threshold = |v: &Option<Spanned<u32>>, k: &str, default: u32| match v {
-                    Some(t) if *t.get_ref() == 0 => {
-                        Err(loc.at(t, &hk(k), format!("{k} must be at least 1")))
-                    }
-                    Some(t) => Ok(*t.get_ref()),
-                    None => Ok(default),
-                };
                 Some(HealthCheckConfig {
-                    interval,
-                    timeout,
-                    unhealthy_threshold: threshold(
+                    interval: loc.duration(&h.interval, &hk("interval"), Duration::from_secs(5))?,
+                    timeout: loc.duration(&h.timeout, &hk("timeout"), Duration::from_secs(1))?,
+                    unhealthy_threshold: loc.int(
                         &h.unhealthy_threshold,
-                        "unhealthy_threshold",
+                        &hk("unhealthy_threshold"),
+                        1..,
                         2,
                     )?,
-                    healthy_threshold: threshold(&h.healthy_threshold, "healthy_threshold", 1)?,
+                    healthy_threshold: loc.int(
+                        &h.healthy_threshold,
+                        &hk("healthy_threshold"),
+                        1..,
+                        1,
+                    )?,
                     service: h.service.clone(),
                     mode: match h.mode.as_ref().map(|m| (m, m.get_ref().as_str())) {
                         None | Some((_, "poll")) => HealthCheckMode::Poll,
@@ -595,90 +616,44 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
                 })
             }
         };
-        let connect_timeout = match &c.connect_timeout {
-            Some(d) if d.get_ref().0.is_zero() => {
-                return Err(loc.at(
-                    d,
-                    &key("connect_timeout"),
-                    "connect_timeout must be greater than zero",
-                ))
-            }
-            Some(d) => d.get_ref().0,
-            None => DEFAULT_CONNECT_TIMEOUT,
-        };
-        let choice_count = match &c.choice_count {
-            Some(v) if *v.get_ref() < 2 => {
-                return Err(loc.at(v, &key("choice_count"), "choice_count must be at least 2"))
-            }
-            Some(v) => *v.get_ref() as usize,
-            None => 2,
-        };
-        let panic_threshold = match &c.panic_threshold {
-            Some(v) if *v.get_ref() > 100 => {
-                return Err(loc.at(
-                    v,
-                    &key("panic_threshold"),
-                    "panic_threshold is a percentage (0-100)",
-                ))
-            }
-            Some(v) => *v.get_ref(),
-            None => 0,
-        };
         let outlier_detection = match &c.outlier_detection {
             None => None,
             Some(o) => {
                 let ok = |k: &str| key(&format!("outlier_detection.{k}"));
-                let consecutive_failures = match &o.consecutive_failures {
-                    Some(v) if *v.get_ref() == 0 => {
-                        return Err(loc.at(
-                            v,
-                            &ok("consecutive_failures"),
-                            "consecutive_failures must be at least 1",
-                        ))
-                    }
-                    Some(v) => *v.get_ref(),
-                    None => 5,
-                };
-                let base_ejection_time = match &o.base_ejection_time {
-                    Some(d) if d.get_ref().0.is_zero() => {
-                        return Err(loc.at(
-                            d,
-                            &ok("base_ejection_time"),
-                            "base_ejection_time must be greater than zero",
-                        ))
-                    }
-                    Some(d) => d.get_ref().0,
-                    None => Duration::from_secs(30),
-                };
-                let max_ejection_percent = match &o.max_ejection_percent {
-                    Some(v) if *v.get_ref() > 100 => {
-                        return Err(loc.at(
-                            v,
-                            &ok("max_ejection_percent"),
-                            "max_ejection_percent is a percentage (0-100)",
-                        ))
-                    }
-                    Some(v) => *v.get_ref(),
-                    None => 10,
-                };
                 Some(OutlierConfig {
-                    consecutive_failures,
-                    base_ejection_time,
-                    max_ejection_percent,
+                    consecutive_failures: loc.int(
+                        &o.consecutive_failures,
+                        &ok("consecutive_failures"),
+                        1..,
+                        5,
+                    )?,
+                    base_ejection_time: loc.duration(
+                        &o.base_ejection_time,
+                        &ok("base_ejection_time"),
+                        Duration::from_secs(30),
+                    )?,
+                    max_ejection_percent: loc.int(
+                        &o.max_ejection_percent,
+                        &ok("max_ejection_percent"),
+                        0..=100,
+                        10,
+                    )?,
                 })
             }
         };
-        let max_streams_per_connection = match &c.max_streams_per_connection {
-            Some(v) if *v.get_ref() == 0 => {
-                return Err(loc.at(
-                    v,
-                    &key("max_streams_per_connection"),
-                    "max_streams_per_connection must be at least 1",
-                ))
-            }
-            Some(v) => *v.get_ref(),
-            None => DEFAULT_MAX_STREAMS_PER_CONNECTION,
-        };
+        let connect_timeout = loc.duration(
+            &c.connect_timeout,
+            &key("connect_timeout"),
+            DEFAULT_CONNECT_TIMEOUT,
+        )?;
+        let choice_count = loc.int(&c.choice_count, &key("choice_count"), 2.., 2)? as usize;
+        let panic_threshold = loc.int(&c.panic_threshold, &key("panic_threshold"), 0..=100, 0)?;
+        let max_streams_per_connection = loc.int(
+            &c.max_streams_per_connection,
+            &key("max_streams_per_connection"),
+            1..,
+            DEFAULT_MAX_STREAMS_PER_CONNECTION,
+        )?;
         clusters.push(ClusterConfig {
             name,
             balancer: c.balancer.0,
@@ -811,10 +786,7 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
                 }
             }
             let timeout = match &r.timeout {
-                Some(d) if d.get_ref().0.is_zero() => {
-                    return Err(loc.at(d, &rk("timeout"), "timeout must be greater than zero"))
-                }
-                Some(d) => Some(d.get_ref().0),
+                Some(_) => Some(loc.duration(&r.timeout, &rk("timeout"), Duration::ZERO)?),
                 None => None,
             };
             routes.push(RouteConfig {
@@ -824,17 +796,12 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
                 timeout,
             });
         }
-        let max_concurrent_streams = match &l.max_concurrent_streams {
-            Some(v) if *v.get_ref() == 0 => {
-                return Err(loc.at(
-                    v,
-                    &key("max_concurrent_streams"),
-                    "max_concurrent_streams must be at least 1",
-                ))
-            }
-            Some(v) => *v.get_ref(),
-            None => DEFAULT_MAX_CONCURRENT_STREAMS,
-        };
+        let max_concurrent_streams = loc.int(
+            &l.max_concurrent_streams,
+            &key("max_concurrent_streams"),
+            1..,
+            DEFAULT_MAX_CONCURRENT_STREAMS,
+        )?;
         listeners.push(ListenerConfig {
             name,
             listen,
@@ -849,9 +816,7 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
         admin,
         listeners,
         clusters,
-        drain_timeout: raw
-            .drain_timeout
-            .map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.into_inner().0),
+        drain_timeout: loc.duration(&raw.drain_timeout, "drain_timeout", DEFAULT_DRAIN_TIMEOUT)?,
     })
 }
 
@@ -963,6 +928,39 @@ endpoints = ["127.0.0.1:50051", "localhost:50052"]
         assert!(
             e.contains("clusters[0].endpoints[1].weight: weight must be between 1 and 1000, got 0"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_key_and_the_range() {
+        let cluster_extra = |extra: &str| {
+            GOOD.replace(
+                "balancer = \"round_robin\"",
+                &format!("balancer = \"round_robin\"\n{extra}"),
+            )
+        };
+        let e = parse(&cluster_extra("panic_threshold = 101"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "x.toml:17:19: clusters[0].panic_threshold: panic_threshold is a percentage (0-100)"
+        );
+        let e = parse(&cluster_extra("choice_count = 1"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "x.toml:17:16: clusters[0].choice_count: choice_count must be at least 2"
+        );
+        let e = parse(&format!(
+            "{GOOD}[clusters.health_check]\ninterval = \"0s\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "x.toml:19:12: clusters[0].health_check.interval: interval must be greater than zero"
         );
     }
 
