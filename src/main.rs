@@ -47,6 +47,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -81,6 +82,29 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("grpcgate: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// A proxy holds two sockets per busy client (downstream and its share of upstream), so the usual soft
+/// limit of 1024 open files is hit long before the machine's real limit: raise the soft limit to the
+/// hard one, as Go's runtime and Envoy's packaging do.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!(
+                    "could not raise the open-files limit: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
         }
     }
 }
