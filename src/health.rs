@@ -468,6 +468,43 @@ mod tests {
         assert_eq!(t.record(true, false), Some(true));
     }
 
+    /// Ejection timing on tokio's paused clock: the first ejection lasts `base_ejection_time`, the
+    /// second twice that, and an ejected endpoint comes back on its own.
+    #[tokio::test(start_paused = true)]
+    async fn ejections_grow_and_end_on_their_own() {
+        let text = "[[listeners]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n[[clusters]]\nname = \"c\"\n\
+                    endpoints = [\"a:1\", \"b:1\"]\n[clusters.outlier_detection]\n\
+                    consecutive_failures = 2\nbase_ejection_time = \"10s\"\nmax_ejection_percent = 50\n";
+        let config = crate::Config::parse(text, "t.toml", std::path::Path::new(".")).unwrap();
+        let cluster = Cluster::new(&config.clusters[0], &Metrics::new());
+        let a = &cluster.endpoints[0];
+        let eject = || {
+            cluster.report(0, true);
+            cluster.report(0, true);
+        };
+        cluster.report(0, true);
+        cluster.report(0, false); // a success in between resets the count
+        cluster.report(0, true);
+        assert!(a.is_available(), "one failure in a row is not enough");
+        cluster.report(0, true);
+        assert!(!a.is_available(), "two in a row eject");
+        // The other endpoint may not be ejected too: 1 of 2 is already the 50 % cap.
+        cluster.report(1, true);
+        cluster.report(1, true);
+        assert!(cluster.endpoints[1].is_available());
+
+        tokio::time::sleep(Duration::from_millis(9_990)).await;
+        assert!(!a.is_available());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(a.is_available(), "back after base_ejection_time");
+
+        eject();
+        tokio::time::sleep(Duration::from_millis(19_990)).await;
+        assert!(!a.is_available(), "the second ejection lasts 2 x base");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(a.is_available());
+    }
+
     #[test]
     fn jitter_stays_within_ten_percent() {
         for _ in 0..1000 {
