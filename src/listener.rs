@@ -178,8 +178,16 @@ impl Listener {
             let shutdown = shutdown.clone();
             tracker.spawn(async move {
                 conn.connections.inc();
-                if let Err(reason) = conn.serve_connection(tcp, peer, shutdown).await {
-                    tracing::info!(listener = %conn.name, %peer, %reason, "connection closed");
+                match conn.serve_connection(tcp, peer, shutdown).await {
+                    Ok(()) => {}
+                    // A client going away mid-connection is routine: one line each would flood the log
+                    // under churn. Handshake failures and non-HTTP/2 clients are worth an operator's eye.
+                    Err(reason) if reason.starts_with("connection error") => {
+                        tracing::debug!(listener = %conn.name, %peer, %reason, "connection closed")
+                    }
+                    Err(reason) => {
+                        tracing::info!(listener = %conn.name, %peer, %reason, "connection closed")
+                    }
                 }
                 conn.connections.dec();
             });

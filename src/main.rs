@@ -7,11 +7,6 @@ use clap::{Parser, Subcommand};
 use grpcgate::{demo, Config, Gateway};
 use tokio::signal::unix::{signal, SignalKind};
 
-// The data path allocates per stream (h2's frames, header maps, task cells); mimalloc's thread-local
-// free lists measured cheaper than glibc's malloc for that pattern (see benches/load).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// A gRPC-aware L7 load-balancing reverse proxy.
 #[derive(Parser)]
 #[command(name = "grpcgate", version, about)]

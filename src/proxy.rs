@@ -234,18 +234,13 @@ async fn forward(
     }
 
     // Phase 2: stream the response body and trailers (while the request body may still flow, for bidi).
-    let missing_status = missing_status(endpoint);
     enum End {
         Done(Result<Option<Code>, PumpError>),
         ClientGone,
         Deadline,
     }
     let end = {
-        let mut resp_pump = pin!(Pump::new(
-            &mut up_body,
-            &mut down_send,
-            Some(missing_status.to_trailers())
-        ));
+        let mut resp_pump = pin!(Pump::new(&mut up_body, &mut down_send, Some(endpoint)));
         loop {
             tokio::select! {
                 biased;
@@ -261,7 +256,8 @@ async fn forward(
         }
     };
     match end {
-        End::Done(Ok(code)) => (Some(idx), code.unwrap_or(missing_status.code)),
+        // The pump filled in INTERNAL if the upstream sent no grpc-status.
+        End::Done(Ok(code)) => (Some(idx), code.unwrap_or(Code::Internal)),
         End::Done(Err(PumpError::Src(e))) => {
             // The upstream broke mid-stream: end the client's call with a status saying so.
             let status = upstream_error_status(&e, endpoint);
@@ -428,22 +424,23 @@ struct Pump<'a> {
     /// A frame being sent, and the credit to release once it is.
     pending: Option<(Bytes, usize)>,
     state: PumpState,
-    /// Trailers to send when the source ends without any (None: just end the stream).
-    missing_trailers: Option<HeaderMap>,
+    /// For a response: the upstream, named in the INTERNAL status sent if it ends without grpc-status
+    /// (built only then). None for a request, which just ends.
+    status_from: Option<&'a Endpoint>,
 }
 
 impl<'a> Pump<'a> {
     fn new(
         src: &'a mut RecvStream,
         dst: &'a mut SendStream<Bytes>,
-        missing_trailers: Option<HeaderMap>,
+        status_from: Option<&'a Endpoint>,
     ) -> Self {
         Pump {
             src,
             dst,
             pending: None,
             state: PumpState::Data,
-            missing_trailers,
+            status_from,
         }
     }
 }
@@ -478,7 +475,7 @@ impl Future for Pump<'_> {
                         // end ours with it too rather than with a separate empty DATA frame, which
                         // doubles the frames and trips peers' small-frame flood limits.
                         let last = chunk.is_empty()
-                            && this.missing_trailers.is_none()
+                            && this.status_from.is_none()
                             && this.src.is_end_stream();
                         if let Err(e) = this.dst.send_data(part, last) {
                             return Poll::Ready(Err(PumpError::Dst(Some(e))));
@@ -515,11 +512,11 @@ impl Future for Pump<'_> {
                         Ok(t) => t,
                         Err(e) => return Poll::Ready(Err(PumpError::Src(e))),
                     };
-                    if let Some(fallback) = this.missing_trailers.take() {
+                    if let Some(endpoint) = this.status_from {
                         match &mut trailers {
                             Some(t) if t.contains_key(&GRPC_STATUS) => {}
-                            Some(t) => t.extend(fallback),
-                            None => trailers = Some(fallback),
+                            Some(t) => missing_status(endpoint).write_to(t),
+                            None => trailers = Some(missing_status(endpoint).to_trailers()),
                         }
                     }
                     this.state = PumpState::Done;

@@ -124,13 +124,7 @@ struct Args {
     /// DATA frame with END_STREAM (two frames, the way some proxies forward), instead of one frame.
     #[arg(long)]
     split_end_stream: bool,
-    /// The proxy's CPU (to report other processes' use of it during the window).
-    #[arg(long)]
-    proxy_cpu: Option<usize>,
-    /// The load generator's CPU (to report other processes' use of it during the window).
-    #[arg(long)]
-    load_cpu: Option<usize>,
-    /// Other processes of ours on the load CPU (the echo backends).
+    /// Other processes of ours (the echo backends): not counted as interference.
     #[arg(long, value_delimiter = ',')]
     load_pid: Vec<u32>,
     /// Idle: seconds to let the proxy settle before reading RSS.
@@ -705,31 +699,30 @@ fn run_load(args: &Args) -> anyhow::Result<Value> {
     *sync.window.lock().unwrap() = Some((start, end));
     // CPU is sampled by a thread of its own, at the edges of the window.
     let pids = args.proxy_pid.clone();
-    let (proxy_core, load_core, load_pids) = (args.proxy_cpu, args.load_cpu, args.load_pid.clone());
+    let load_pids = args.load_pid.clone();
     let sampler = std::thread::spawn(move || {
         let mut ours = load_pids.clone();
         ours.push(std::process::id());
+        ours.extend(&pids);
         sleep_until(start);
         let c0 = cpu_seconds(&pids);
-        let o0 = cpu_seconds(&ours);
-        let s0 = read_proc_stat();
+        let others0 = others_ticks(&ours);
+        let steal0 = steal_ticks();
         sleep_until(end);
         let c1 = cpu_seconds(&pids);
-        let o1 = cpu_seconds(&ours);
-        let s1 = read_proc_stat();
+        let others1 = others_ticks(&ours);
+        let steal1 = steal_ticks();
         let window = (end - start).as_secs_f64();
-        let busy = |cpu: Option<usize>| {
-            let cpu = cpu?;
-            let a = s0.get(cpu)?;
-            let b = s1.get(cpu)?;
-            Some((b.0 - a.0) as f64 / clk_tck())
-        };
-        let steal: u64 = s1.iter().zip(&s0).map(|(b, a)| b.1 - a.1).sum();
+        let others: u64 = others1
+            .iter()
+            .map(|(pid, &t)| match others0.get(pid) {
+                Some(&t0) if t0 <= t => t - t0,
+                _ => t, // started during the window
+            })
+            .sum();
         let interference = Interference {
-            proxy_core_other: busy(proxy_core)
-                .map(|b| (b - if pids.is_empty() { 0.0 } else { c1 - c0 }) / window),
-            load_core_other: busy(load_core).map(|b| (b - (o1 - o0)) / window),
-            steal: steal as f64 / clk_tck() / window,
+            other_processes: others as f64 / clk_tck() / window,
+            steal: steal1.saturating_sub(steal0) as f64 / clk_tck() / window,
         };
         let proxy = (!pids.is_empty()).then(|| {
             (
@@ -757,50 +750,53 @@ fn run_load(args: &Args) -> anyhow::Result<Value> {
     let mut v = result_json(args, &plan, server_max, &stats, proxy);
     let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
     v["interference"] = json!({
-        "proxy_core_other": interference.proxy_core_other.map(r3),
-        "load_core_other": interference.load_core_other.map(r3),
+        "other_processes": r3(interference.other_processes),
         "steal": r3(interference.steal),
     });
     Ok(v)
 }
 
-/// CPU time spent by processes other than ours on the cores we use, during the window, in CPU-seconds
-/// per second: a run with a high value was disturbed (e.g. a compiler ran on the proxy's core).
+/// What else ran during the window, in CPU-seconds per second: a run with a high value was disturbed
+/// (a compiler or a test suite on the machine, or the hypervisor running another guest on our CPUs).
 struct Interference {
-    /// Busy time of the proxy's core minus the proxy's own CPU time.
-    proxy_core_other: Option<f64>,
-    /// Busy time of the load core minus the load generator's and the backends' CPU time.
-    load_core_other: Option<f64>,
-    /// Time the hypervisor ran something else (all CPUs).
+    /// CPU time of every process that is not the proxy, the load generator or the backends (a child
+    /// that ran and exited within the window counts through its parent's cutime/cstime).
+    other_processes: f64,
+    /// Time the hypervisor took from this VM's CPUs (steal, all CPUs).
     steal: f64,
 }
 
-/// Per CPU from /proc/stat: (user + nice + system + irq + softirq ticks, steal ticks). A tick that
-/// lands in interrupt context is also charged to the running task's stime, so this busy figure is
-/// comparable with processes' utime + stime.
-fn read_proc_stat() -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    let Ok(s) = std::fs::read_to_string("/proc/stat") else {
-        return out;
-    };
-    for l in s.lines() {
-        let Some(rest) = l.strip_prefix("cpu") else {
-            continue;
-        };
-        let mut it = rest.split_whitespace();
-        let Some(Ok(n)) = it.next().map(str::parse::<usize>) else {
-            continue; // the "cpu" total line
-        };
-        let f: Vec<u64> = it.map(|x| x.parse().unwrap_or(0)).collect();
-        if f.len() < 8 {
-            continue;
+/// utime + stime + cutime + cstime of every process outside `ours` and their descendants, in ticks.
+fn others_ticks(ours: &[u32]) -> HashMap<u32, u64> {
+    let mine: std::collections::HashSet<u32> = proc_tree(ours).into_iter().collect();
+    let mut out = HashMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            if mine.contains(&pid) {
+                continue;
+            }
+            if let Some(f) = stat_fields(pid) {
+                out.insert(pid, f[11] + f[12] + f[13] + f[14]);
+            }
         }
-        if out.len() <= n {
-            out.resize(n + 1, (0, 0));
-        }
-        out[n] = (f[0] + f[1] + f[2] + f[5] + f[6], f[7]);
     }
     out
+}
+
+/// Steal ticks of all CPUs, from the first line of /proc/stat.
+fn steal_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(8))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 fn sleep_until(t: Instant) {
@@ -1268,7 +1264,7 @@ fn report(args: &Args) -> anyhow::Result<()> {
     for (k, v) in &meta {
         md.push_str(&format!("- {k}: {v}\n"));
     }
-    md.push_str("\nLatencies in µs. \"other load\": CPU-seconds per second used during the measured window on the proxy's core / on the load core by anything but the proxy, the load generator and the backends (includes some kernel network work); clearly above 0.05, the run was disturbed.\n\n");
+    md.push_str("\nLatencies in µs. \"disturbance\": CPU-seconds per second used during the measured window by processes other than the proxy, the load generator and the backends / taken by the hypervisor (steal); above 0.05, the run was disturbed.\n\n");
     for scenario in &scenarios {
         let first = SYSTEMS.iter().find_map(|s| find(scenario, s));
         let Some(first) = first else { continue };
@@ -1295,9 +1291,9 @@ fn report(args: &Args) -> anyhow::Result<()> {
         }
         let streaming = kind == "stream";
         if streaming {
-            md.push_str("| system | calls/s | msgs/s | MB/s | p50 µs | p99 µs | p99.9 µs | errors | proxy CPU s / 1k msgs | proxy CPU s / 1k calls | proxy peak RSS (MiB) | other load: proxy / load core |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+            md.push_str("| system | calls/s | msgs/s | MB/s | p50 µs | p99 µs | p99.9 µs | errors | proxy CPU s / 1k msgs | proxy CPU s / 1k calls | proxy peak RSS (MiB) | disturbance: other processes / steal |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         } else {
-            md.push_str("| system | req/s | p50 µs | p99 µs | p99.9 µs | errors | proxy CPU s / 1k req | proxy peak RSS (MiB) | other load: proxy / load core |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+            md.push_str("| system | req/s | p50 µs | p99 µs | p99.9 µs | errors | proxy CPU s / 1k req | proxy peak RSS (MiB) | disturbance: other processes / steal |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         }
         for sys in SYSTEMS {
             let Some(r) = find(scenario, sys) else {
@@ -1307,8 +1303,8 @@ fn report(args: &Args) -> anyhow::Result<()> {
             let other = match r.get("interference") {
                 Some(i) => format!(
                     "{} / {}",
-                    fmt_num(num(i, "proxy_core_other"), 2),
-                    fmt_num(num(i, "load_core_other"), 2)
+                    fmt_num(num(i, "other_processes"), 2),
+                    fmt_num(num(i, "steal"), 2)
                 ),
                 None => "–".into(),
             };
