@@ -25,6 +25,8 @@ pub struct Config {
     pub clusters: Vec<ClusterConfig>,
     /// How long in-flight calls may run on after SIGTERM/SIGINT before the proxy exits anyway.
     pub drain_timeout: Duration,
+    /// Data-plane worker threads; 0 = one per CPU the process may run on.
+    pub workers: u32,
 }
 
 /// The admin HTTP server (`/metrics`, `/healthz`, `/ready`).
@@ -184,6 +186,7 @@ struct RawConfig {
     #[serde(default)]
     clusters: Vec<RawCluster>,
     drain_timeout: Option<Spanned<DurationStr>>,
+    workers: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -817,6 +820,7 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
         listeners,
         clusters,
         drain_timeout: loc.duration(&raw.drain_timeout, "drain_timeout", DEFAULT_DRAIN_TIMEOUT)?,
+        workers: loc.int(&raw.workers, "workers", 0..=1024, 0)?,
     })
 }
 
@@ -946,6 +950,15 @@ endpoints = ["127.0.0.1:50051", "localhost:50052"]
             e,
             "x.toml:17:19: clusters[0].panic_threshold: panic_threshold is a percentage (0-100)"
         );
+        let e = parse(&format!("workers = 2000\n{GOOD}"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "x.toml:1:11: workers: workers must be between 0 and 1024"
+        );
+        assert_eq!(parse(&format!("workers = 3\n{GOOD}")).unwrap().workers, 3);
+        assert_eq!(parse(GOOD).unwrap().workers, 0);
         let e = parse(&cluster_extra("choice_count = 1"))
             .unwrap_err()
             .to_string();

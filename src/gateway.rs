@@ -19,6 +19,7 @@ use crate::health;
 use crate::listener::{self, Listener, ListenerReload};
 use crate::metrics::Metrics;
 use crate::router::Router;
+use crate::worker::Workers;
 
 /// State shared by the listeners, the admin server and reloads.
 pub struct Shared {
@@ -69,6 +70,9 @@ pub struct Gateway {
     /// Stops the current generation of health checkers (replaced on reload).
     health_checks: Mutex<CancellationToken>,
     connections: TaskTracker,
+    /// The data-plane threads; dropped (stopped) with the gateway, after the drain.
+    workers: Arc<Workers>,
+    workers_config: u32,
 }
 
 impl Gateway {
@@ -100,6 +104,8 @@ impl Gateway {
             Some(a) => Some(admin::spawn(a.listen, shared.clone(), admin_shutdown.clone()).await?),
             None => None,
         };
+        let workers = Arc::new(Workers::start(config.workers as usize)?);
+        tracing::info!(workers = workers.len(), "data-plane workers started");
         let mut listeners = Vec::new();
         for (l, c) in bound.into_iter().zip(&config.listeners) {
             tracing::info!(listener = %l.name, addr = %l.local_addr, tls = c.tls.is_some(), "listening");
@@ -108,7 +114,7 @@ impl Gateway {
                 addr: l.local_addr,
                 reload: l.reloader(),
             });
-            tokio::spawn(l.serve(shutdown.clone(), connections.clone()));
+            tokio::spawn(l.serve(workers.clone(), shutdown.clone(), connections.clone()));
         }
         Ok(Gateway {
             shared,
@@ -119,6 +125,8 @@ impl Gateway {
             admin_shutdown,
             health_checks: Mutex::new(health_checks),
             connections,
+            workers,
+            workers_config: config.workers,
         })
     }
 
@@ -157,6 +165,9 @@ impl Gateway {
         if self.admin_config != config.admin.as_ref().map(|a| a.listen) {
             return Err("the admin address changed; that needs a restart".into());
         }
+        if self.workers_config != config.workers {
+            return Err("workers changed; that needs a restart".into());
+        }
         let previous = self.shared.clusters();
         let clusters: Vec<Arc<Cluster>> = config
             .clusters
@@ -191,6 +202,11 @@ impl Gateway {
         *health = self.admin_shutdown.child_token();
         spawn_health_checks(&self.shared, config, &health);
         Ok(())
+    }
+
+    /// How many data-plane worker threads run.
+    pub fn workers(&self) -> usize {
+        self.workers.len()
     }
 
     /// The bound address of a listener (useful with port 0).

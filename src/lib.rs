@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod router;
 pub mod upstream;
+pub mod worker;
 
 pub use config::Config;
 pub use gateway::Gateway;

@@ -1,8 +1,9 @@
 //! Downstream side: the accept loop, TLS termination (rustls, ALPN `h2`, optional mTLS), the HTTP/2
 //! server connection, and graceful drain (GOAWAY, then wait for in-flight streams).
 //!
-//! Each connection runs in its own task; each stream it accepts runs [`proxy::serve_stream`] in a task
-//! of its own. A connection that is not HTTP/2 (an HTTP/1.1 client, a failed TLS handshake) gets a clear
+//! The accept loop runs on the control runtime and hands each connection to a worker thread
+//! ([`crate::worker`]); there the connection runs in its own task and each stream it accepts runs
+//! [`proxy::serve_stream`] in a task of its own. A connection that is not HTTP/2 (an HTTP/1.1 client, a failed TLS handshake) gets a clear
 //! answer or alert, is logged with the reason and closed, and touches nothing else.
 
 use std::io;
@@ -24,6 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{ListenerConfig, TlsConfig};
 use crate::proxy;
 use crate::router::Router;
+use crate::worker::Workers;
 
 /// The HTTP/2 connection preface every h2 client sends first (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -155,7 +157,12 @@ impl Listener {
 
     /// Accepts connections until `shutdown` fires; connection tasks go on `tracker` so the caller can
     /// wait for them to drain.
-    pub async fn serve(self, shutdown: CancellationToken, tracker: TaskTracker) {
+    pub async fn serve(
+        self,
+        workers: Arc<Workers>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) {
         let Listener {
             name, tcp, handler, ..
         } = self;
@@ -174,9 +181,25 @@ impl Listener {
                 }
             };
             let _ = tcp.set_nodelay(true);
+            // Move the socket to a worker's reactor: the connection and all of its calls run there.
+            let tcp = match tcp.into_std() {
+                Ok(tcp) => tcp,
+                Err(e) => {
+                    tracing::warn!(listener = %name, %peer, error = %e, "could not hand the connection to a worker");
+                    continue;
+                }
+            };
             let conn = handler.clone();
             let shutdown = shutdown.clone();
-            tracker.spawn(async move {
+            // Tracked now, not when the worker first polls it, so a drain that starts in between waits.
+            let task = tracker.track_future(async move {
+                let tcp = match TcpStream::from_std(tcp) {
+                    Ok(tcp) => tcp,
+                    Err(e) => {
+                        tracing::warn!(listener = %conn.name, %peer, error = %e, "could not register the connection");
+                        return;
+                    }
+                };
                 conn.connections.inc();
                 match conn.serve_connection(tcp, peer, shutdown).await {
                     Ok(()) => {}
@@ -191,6 +214,7 @@ impl Listener {
                 }
                 conn.connections.dec();
             });
+            workers.spawn(task);
         }
         // Close the socket now, so new clients are refused during the drain instead of queueing.
         drop(tcp);
@@ -205,16 +229,27 @@ impl ConnectionHandler {
         peer: SocketAddr,
         shutdown: CancellationToken,
     ) -> Result<(), String> {
+        // Each branch is boxed at its own size: inline, every connection's task would be as large as
+        // the largest (TLS) state, and a task is copied whole into its allocation when spawned, so
+        // an idle plaintext connection would hold pages of TLS state it never uses.
         match self.tls.load_full() {
-            None => self.serve_h2(tcp, peer, shutdown).await,
-            Some(acceptor) => {
-                let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-                    .await
-                    .map_err(|_| "TLS handshake timed out".to_string())?
-                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
-                self.serve_h2(tls, peer, shutdown).await
-            }
+            None => Box::pin(self.serve_h2(tcp, peer, shutdown)).await,
+            Some(acceptor) => Box::pin(self.serve_tls(&acceptor, tcp, peer, shutdown)).await,
         }
+    }
+
+    async fn serve_tls(
+        &self,
+        acceptor: &TlsAcceptor,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Result<(), String> {
+        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+            .await
+            .map_err(|_| "TLS handshake timed out".to_string())?
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+        self.serve_h2(tls, peer, shutdown).await
     }
 
     async fn serve_h2<IO>(

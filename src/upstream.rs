@@ -4,6 +4,10 @@
 //! then another connection is opened. A connection that dies is dropped from the pool and replaced on
 //! demand; failed connects back off exponentially (capped, with jitter) so a dead endpoint costs one
 //! fast failure per call instead of a connect attempt per call.
+//!
+//! A connection belongs to the worker thread that opened it ([`crate::worker`]): its driver task runs
+//! there, and only that worker's calls lease it, so a call and its upstream stream never cross threads.
+//! Each worker thus has its own set of connections to an endpoint, as in Envoy.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -16,11 +20,14 @@ use parking_lot::Mutex;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::worker;
+
 /// Stream flow-control window we give upstream responses (per stream).
 pub const STREAM_WINDOW: u32 = 1024 * 1024;
 /// Connection flow-control window we give upstream responses (all streams of one connection).
 pub const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
-/// More than this many connections to one endpoint and new calls queue on the least-loaded one.
+/// More than this many connections to one endpoint (per worker) and new calls queue on the least-loaded
+/// one.
 const MAX_CONNECTIONS: usize = 64;
 /// How many recently reset streams h2 remembers per connection (see the builders).
 pub const RESET_STREAM_MEMORY: usize = 1024;
@@ -59,6 +66,8 @@ impl fmt::Display for ConnectError {
 
 struct Conn {
     send: SendRequest<Bytes>,
+    /// The worker whose runtime drives this connection (see [`worker::current`]).
+    worker: usize,
     /// Streams this proxy has open on the connection.
     active: AtomicUsize,
     /// Set by the connection's driver task when the connection ends.
@@ -186,11 +195,12 @@ impl Pool {
     /// Takes a slot on the connection with the most room under its stream limit; with `overflow`, on
     /// the least-loaded connection even if it is full (h2 queues the stream until one finishes).
     fn try_lease(&self, overflow: bool) -> Option<Lease> {
+        let worker = worker::current();
         let mut conns = self.conns.lock();
         conns.retain(|c| !c.closed.load(Ordering::Relaxed));
-        let full = conns.len() >= MAX_CONNECTIONS;
+        let full = conns.iter().filter(|c| c.worker == worker).count() >= MAX_CONNECTIONS;
         let mut best: Option<&Arc<Conn>> = None;
-        for c in conns.iter() {
+        for c in conns.iter().filter(|c| c.worker == worker) {
             let active = c.active.load(Ordering::Relaxed);
             let has_room = active < c.send.current_max_send_streams().min(self.max_streams);
             if (has_room || overflow || full)
@@ -253,6 +263,7 @@ impl Pool {
         tracing::debug!(endpoint = %address, "upstream connection established");
         Ok(Arc::new(Conn {
             send,
+            worker: worker::current(),
             active: AtomicUsize::new(0),
             closed,
         }))

@@ -1401,3 +1401,38 @@ async fn last_frame_credit_returns_to_the_connection() {
         assert!(got > 1 << 20, "{got}");
     }
 }
+
+/// Each data-plane worker owns its upstream connections: with two workers, two client connections land
+/// on different workers and each opens its own connection to the backend; more clients reuse them.
+/// Changing `workers` needs a restart, so a reload that changes it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_own_their_upstream_connections() {
+    let backends = backends(1).await;
+    let text = format!(
+        "workers = 2\n{}",
+        config_text(&[backends[0].addr], "round_robin", "", "")
+    );
+    let gw = start(&text).await;
+    assert_eq!(gw.workers(), 2);
+    for _ in 0..4 {
+        // A fresh channel is a fresh downstream connection; the listener deals them out round-robin.
+        let mut c = edge_client(&gw).await;
+        for _ in 0..3 {
+            bounded(c.unary(msg(b"hi"))).await.expect("call");
+        }
+    }
+    let pool = &gw.clusters()[0].endpoints[0].pool;
+    assert_eq!(pool.connections(), 2, "one upstream connection per worker");
+
+    let changed = text.replace("workers = 2", "workers = 3");
+    let config = grpcgate::config::Config::parse(&changed, "test.toml", std::path::Path::new("."))
+        .expect("valid config");
+    let err = gw
+        .reload(config)
+        .expect_err("workers cannot change on reload");
+    assert!(err.contains("workers"), "{err}");
+    // Still serving on the old config.
+    bounded(edge_client(&gw).await.unary(msg(b"after")))
+        .await
+        .expect("call after refused reload");
+}
