@@ -337,7 +337,9 @@ impl ConnectionHandler {
             match next {
                 Some(Ok((req, respond))) => {
                     let router = self.router.load_full();
-                    tokio::spawn(proxy::serve_stream(router, req, respond));
+                    // Boxed: the task then holds a pointer, and tokio moves the task state several times
+                    // per call (spawn, completion); moving a pointer is cheaper than ~3 KB of future.
+                    tokio::spawn(Box::pin(proxy::serve_stream(router, req, respond)));
                 }
                 Some(Err(e)) => {
                     if e.is_io() || e.is_go_away() {

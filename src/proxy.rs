@@ -423,6 +423,8 @@ struct Pump<'a> {
     dst: &'a mut SendStream<Bytes>,
     /// A frame being sent, and the credit to release once it is.
     pending: Option<(Bytes, usize)>,
+    /// Whether the one frame allowed to go without reserved capacity has gone (see `poll`).
+    sent_unreserved: bool,
     state: PumpState,
     /// For a response: the upstream, named in the INTERNAL status sent if it ends without grpc-status
     /// (built only then). None for a request, which just ends.
@@ -439,6 +441,7 @@ impl<'a> Pump<'a> {
             src,
             dst,
             pending: None,
+            sent_unreserved: false,
             state: PumpState::Data,
             status_from,
         }
@@ -459,7 +462,15 @@ impl Future for Pump<'_> {
                 PumpState::Data => {
                     if let Some((chunk, credit)) = &mut this.pending {
                         let mut cap = this.dst.capacity();
-                        if cap == 0 {
+                        if cap == 0 && !this.sent_unreserved {
+                            // The stream's first frame goes to h2 whole, without the reserve and
+                            // poll-capacity round trip through its locks: most gRPC calls are one
+                            // message each way. h2 holds it until the window allows, and counts it
+                            // against any later reservation, so at most this one frame (≤ the
+                            // max frame size) is buffered beyond the end-to-end window.
+                            this.sent_unreserved = true;
+                            cap = chunk.len();
+                        } else if cap == 0 {
                             this.dst.reserve_capacity(chunk.len());
                             match ready!(this.dst.poll_capacity(cx)) {
                                 Some(Ok(_)) => cap = this.dst.capacity(),
