@@ -16,9 +16,7 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
-use http::header::{
-    HeaderMap, HeaderName, CONNECTION, CONTENT_TYPE, TE, TRANSFER_ENCODING, UPGRADE,
-};
+use http::header::CONTENT_TYPE;
 use http::uri::{Parts, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use tokio::time::Instant;
@@ -129,7 +127,9 @@ async fn forward(
     };
     let endpoint = &cluster.endpoints[idx];
 
-    strip_hop_by_hop(&mut parts.headers);
+    // No hop-by-hop headers to strip: h2 treats a request carrying `connection`, `keep-alive`,
+    // `transfer-encoding`, `upgrade`, `proxy-connection` or a `te` other than `trailers` as malformed
+    // (RFC 9113 §8.2.2) and resets it before it gets here.
     if let Some(d) = deadline {
         let remaining = d.saturating_duration_since(Instant::now());
         parts
@@ -359,25 +359,6 @@ fn upstream_error_status(e: &h2::Error, endpoint: &Endpoint) -> Status {
         Code::Unavailable,
         format!("grpcgate: connection to upstream {address} failed: {e}"),
     )
-}
-
-/// Headers that describe one HTTP hop and must not be forwarded (RFC 9110 §7.6.1, RFC 9113 §8.2.2).
-/// `te: trailers` is the one `te` value HTTP/2 allows, and gRPC needs it, so it stays.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-    static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-    for name in [
-        &CONNECTION,
-        &TRANSFER_ENCODING,
-        &UPGRADE,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-    ] {
-        headers.remove(name);
-    }
-    if headers.get(TE).is_some_and(|v| v != "trailers") {
-        headers.remove(TE);
-    }
 }
 
 /// The request URI as sent upstream: plaintext h2c, same path, same `:authority` as the client used
