@@ -368,6 +368,19 @@ if [[ $PERF == 1 ]] && want grpcgate; then
         | grep -E '\] (<?grpcgate::|<?h2::|<?hyper::|<?http::|<?prometheus|<?tracing|<?tokio::(net|io|time)|<?bytes::)' | head -70
     } >"$OUT_DIR/perf-grpcgate.txt" || true
     log "perf report: $OUT_DIR/perf-grpcgate.txt"
+    # Flame graph (inferno, from crates.io, installed on first use like NGINX and HAProxy are).
+    if ! command -v inferno-flamegraph >/dev/null; then
+      log "installing inferno (cargo install inferno) for the flame graph"
+      cargo install --locked inferno >>"$WORK/install.log" 2>&1 || true
+      PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    if command -v inferno-flamegraph >/dev/null && command -v inferno-collapse-perf >/dev/null; then
+      perf script -i "$WORK/perf.data" 2>/dev/null | inferno-collapse-perf 2>/dev/null \
+        | inferno-flamegraph --minwidth 0.5 --title "grpcgate, unary-closed $UNARY_C x $UNARY_S" \
+          >"$OUT_DIR/flamegraph-grpcgate.svg" 2>/dev/null && log "flame graph: $OUT_DIR/flamegraph-grpcgate.svg"
+    else
+      note "flame graph skipped: inferno not available"
+    fi
   else
     note "perf profile skipped"
   fi
