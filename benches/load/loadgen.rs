@@ -1218,6 +1218,65 @@ fn machine() -> BTreeMap<String, String> {
     m
 }
 
+/// With `ROUNDS` > 1 every (scenario, system) ran several times, interleaved with the other systems:
+/// one record per pair, each top-level number the median over its rounds (so a single run that caught
+/// the VM in a slow phase moves nothing), `rounds` saying how many.
+fn merge_rounds(runs: &[Value]) -> Vec<Value> {
+    let key = |r: &Value| {
+        (
+            r.get("scenario")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            r.get("system")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+        )
+    };
+    let mut order: Vec<(String, String)> = Vec::new();
+    let mut groups: BTreeMap<(String, String), Vec<&Value>> = BTreeMap::new();
+    for r in runs {
+        let k = key(r);
+        if !groups.contains_key(&k) {
+            order.push(k.clone());
+        }
+        groups.entry(k).or_default().push(r);
+    }
+    order
+        .into_iter()
+        .map(|k| {
+            let group = &groups[&k];
+            let mut merged = group[0].clone();
+            if let Some(obj) = merged.as_object_mut() {
+                for (field, value) in obj.iter_mut() {
+                    if !value.is_number() {
+                        continue;
+                    }
+                    let mut xs: Vec<f64> = group.iter().filter_map(|r| num(r, field)).collect();
+                    if xs.len() == group.len() && xs.len() > 1 {
+                        xs.sort_by(f64::total_cmp);
+                        let n = xs.len();
+                        let median = if n % 2 == 1 {
+                            xs[n / 2]
+                        } else {
+                            (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+                        };
+                        // Counts stay integers (an even number of rounds can land between two).
+                        *value = if group.iter().all(|r| r[field.as_str()].is_u64()) {
+                            json!(median.round() as u64)
+                        } else {
+                            json!(median)
+                        };
+                    }
+                }
+                obj.insert("rounds".into(), json!(group.len()));
+            }
+            merged
+        })
+        .collect()
+}
+
 fn report(args: &Args) -> anyhow::Result<()> {
     let input = args
         .input
@@ -1230,6 +1289,7 @@ fn report(args: &Args) -> anyhow::Result<()> {
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()
         .context("parsing the runs")?;
+    let runs = merge_rounds(&runs);
     let find = |scenario: &str, system: &str| {
         runs.iter().find(|r| {
             r.get("scenario").and_then(Value::as_str) == Some(scenario)

@@ -5,6 +5,7 @@
 #
 #   bash benches/load/run.sh                 # everything, 5 s per scenario
 #   DURATION=2 bash benches/load/run.sh      # quicker
+#   ROUNDS=3 bash benches/load/run.sh        # every cell the median of 3 interleaved runs (steadier)
 #   SYSTEMS="direct grpcgate" SCENARIOS="unary-closed unary-1x1" bash benches/load/run.sh
 set -euo pipefail
 
@@ -35,6 +36,8 @@ S10K_S=${S10K_S:-1000}
 IDLE_CONNS=${IDLE_CONNS:-1000}     # idle: connections held open to measure RSS per connection
 MAX_STREAMS=${MAX_STREAMS:-1000}   # SETTINGS_MAX_CONCURRENT_STREAMS every proxy advertises to clients
 RETRIES=${RETRIES:-2}               # re-runs of a run disturbed by other processes on our cores
+ROUNDS=${ROUNDS:-1}                # >1: every scenario runs this many times per system, the systems
+                                   # interleaved; each reported number is the median over the rounds
 MAX_OTHER=${MAX_OTHER:-0.05}       # "disturbed": other processes (or steal) took more CPU-s/s than this
 PERF=${PERF:-0}                    # 1: afterwards, perf record -g grpcgate under unary-closed
 BUILD=${BUILD:-1}                  # 0: use the binaries already in target/release
@@ -339,9 +342,11 @@ for scenario in $SCENARIOS; do
     RATE=$(jq -s '[.[] | select(.scenario == "unary-closed" and .rps > 0) | .rps] | if length == 0 then 5000 else (min / 2 / 100 | floor) * 100 end' "$RESULTS")
     log "unary-open rate: $RATE req/s (half the lowest unary-closed rps; set RATE to override)"
   fi
-  for system in $SYSTEMS; do
-    log "$scenario: $system"
-    run_one "$system" "$scenario"
+  for round in $(seq 1 "$ROUNDS"); do
+    for system in $SYSTEMS; do
+      if ((ROUNDS > 1)); then log "$scenario: $system (round $round of $ROUNDS)"; else log "$scenario: $system"; fi
+      run_one "$system" "$scenario"
+    done
   done
 done
 
@@ -392,7 +397,8 @@ cleanup
 # Report
 
 meta=(
-  "command=DURATION=$DURATION WARMUP=$WARMUP bash benches/load/run.sh"
+  "command=DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS bash benches/load/run.sh"
+  "rounds=$ROUNDS per scenario and system, interleaved; each number is the median over the rounds"
   "pinning=proxy on CPU $PROXY_CPU; load generator and $BACKENDS echo backends on CPU $LOAD_CPU (taskset)"
   "proxies=grpcgate $(git rev-parse --short HEAD 2>/dev/null || echo ?)$(git diff --quiet HEAD -- src 2>/dev/null || echo '+dirty') (workers = 0: one worker thread on its one CPU, round_robin); $("$NGINX" -v 2>&1 | sed 's/nginx version: //') (worker_processes 1, grpc_pass, upstream keepalive 1024); $("$HAPROXY" -v 2>/dev/null | head -1 | awk '{print "HAProxy " $3}') (nbthread 1, proto h2 both sides, http-reuse always)"
   "max_concurrent_streams=$MAX_STREAMS advertised by every proxy"
