@@ -78,6 +78,9 @@ pub struct Gateway {
 impl Gateway {
     /// Binds every listener and the admin port and starts serving. Fails if an address cannot be bound.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
+        // Threads first: if they cannot start, nothing else has been started to leak.
+        let workers = Arc::new(Workers::start(config.workers as usize)?);
+        tracing::info!(workers = workers.len(), "data-plane workers started");
         let metrics = Metrics::new();
         let clusters: Vec<Arc<Cluster>> = config
             .clusters
@@ -92,8 +95,6 @@ impl Gateway {
         let shutdown = CancellationToken::new();
         let admin_shutdown = CancellationToken::new();
         let connections = TaskTracker::new();
-        let health_checks = admin_shutdown.child_token();
-        spawn_health_checks(&shared, &config, &health_checks);
 
         let mut bound = Vec::new();
         for l in &config.listeners {
@@ -104,8 +105,9 @@ impl Gateway {
             Some(a) => Some(admin::spawn(a.listen, shared.clone(), admin_shutdown.clone()).await?),
             None => None,
         };
-        let workers = Arc::new(Workers::start(config.workers as usize)?);
-        tracing::info!(workers = workers.len(), "data-plane workers started");
+        // Health checks start once every address is bound, so a failed start leaves none running.
+        let health_checks = admin_shutdown.child_token();
+        spawn_health_checks(&shared, &config, &health_checks);
         let mut listeners = Vec::new();
         for (l, c) in bound.into_iter().zip(&config.listeners) {
             tracing::info!(listener = %l.name, addr = %l.local_addr, tls = c.tls.is_some(), "listening");

@@ -168,8 +168,10 @@ impl Listener {
         } = self;
         loop {
             let accepted = tokio::select! {
-                r = tcp.accept() => r,
+                // Shutdown first: once the drain started, no new connection may slip through.
+                biased;
                 _ = shutdown.cancelled() => break,
+                r = tcp.accept() => r,
             };
             let (tcp, peer) = match accepted {
                 Ok(x) => x,

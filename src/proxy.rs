@@ -444,11 +444,12 @@ impl Future for Pump<'_> {
                     if let Some((chunk, credit)) = &mut this.pending {
                         let mut cap = this.dst.capacity();
                         if cap == 0 && !this.sent_unreserved {
-                            // The stream's first frame goes to h2 whole, without the reserve and
-                            // poll-capacity round trip through its locks: most gRPC calls are one
-                            // message each way. h2 holds it until the window allows, and counts it
-                            // against any later reservation, so at most this one frame (≤ the
-                            // max frame size) is buffered beyond the end-to-end window.
+                            // The stream's first frame (nothing was reserved before it, so capacity is
+                            // 0) goes to h2 whole, without the reserve and poll-capacity round trip
+                            // through its locks: most gRPC calls are one message each way. h2 holds
+                            // it until the window allows and counts it against any later reservation,
+                            // so at most this one frame (≤ the 16 KiB max frame size we advertise) is
+                            // buffered beyond the end-to-end window.
                             this.sent_unreserved = true;
                             cap = chunk.len();
                         } else if cap == 0 {

@@ -9,6 +9,7 @@
 //! there, and only that worker's calls lease it, so a call and its upstream stream never cross threads.
 //! Each worker thus has its own set of connections to an endpoint, as in Envoy.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -88,9 +89,9 @@ pub struct Pool {
     /// Our own cap on streams per connection; the peer's SETTINGS may lower it.
     max_streams: usize,
     conns: Mutex<Vec<Arc<Conn>>>,
-    /// Serialises connects so a burst of calls opens one connection, not one each. Only the slow
-    /// path (no usable connection) waits on it.
-    connecting: tokio::sync::Mutex<()>,
+    /// Per worker: serialises that worker's connects so a burst of calls opens one connection, not
+    /// one each. Only the slow path (no usable connection) takes it.
+    connecting: Mutex<HashMap<usize, Arc<tokio::sync::Mutex<()>>>>,
     backoff: Mutex<Backoff>,
 }
 
@@ -125,7 +126,7 @@ impl Pool {
             connect_timeout,
             max_streams: max_streams as usize,
             conns: Mutex::new(Vec::new()),
-            connecting: tokio::sync::Mutex::new(()),
+            connecting: Mutex::new(HashMap::new()),
             backoff: Mutex::new(Backoff::default()),
         }
     }
@@ -150,13 +151,20 @@ impl Pool {
     }
 
     async fn acquire_slow(&self) -> Result<Lease, ConnectError> {
-        self.check_backoff()?;
-        let _connecting = self.connecting.lock().await;
+        // While connects back off, a connection another worker holds beats failing the call: h2's
+        // handles work from any thread, the call just crosses threads.
+        if let Err(e) = self.check_backoff() {
+            return self.lease_any_worker().ok_or(e);
+        }
+        let connecting = self.connect_lock();
+        let _connecting = connecting.lock().await;
         // Someone else may have connected while we waited.
         if let Some(lease) = self.try_lease(false) {
             return Ok(lease);
         }
-        self.check_backoff()?;
+        if let Err(e) = self.check_backoff() {
+            return self.lease_any_worker().ok_or(e);
+        }
         match self.connect().await {
             Ok(conn) => {
                 *self.backoff.lock() = Backoff::default();
@@ -175,10 +183,36 @@ impl Pool {
                 b.until = Some(Instant::now() + delay);
                 b.last_error = e.clone();
                 drop(b);
-                // Under the connection cap a full connection is still better than failing the call.
-                self.try_lease(true).ok_or(ConnectError::Failed(e))
+                // Under the connection cap a full connection, or another worker's, is still better
+                // than failing the call.
+                self.try_lease(true)
+                    .or_else(|| self.lease_any_worker())
+                    .ok_or(ConnectError::Failed(e))
             }
         }
+    }
+
+    /// This worker's connect lock: connects to one endpoint are serialised per worker (a burst of
+    /// calls opens one connection, not one each), while each worker opens its own in parallel.
+    fn connect_lock(&self) -> Arc<tokio::sync::Mutex<()>> {
+        self.connecting
+            .lock()
+            .entry(worker::current())
+            .or_default()
+            .clone()
+    }
+
+    /// The least-loaded open connection of any worker, full or not (the fallback when this worker
+    /// cannot connect).
+    fn lease_any_worker(&self) -> Option<Lease> {
+        let conns = self.conns.lock();
+        let conn = conns
+            .iter()
+            .filter(|c| !c.closed.load(Ordering::Relaxed))
+            .min_by_key(|c| c.active.load(Ordering::Relaxed))?
+            .clone();
+        conn.active.fetch_add(1, Ordering::Relaxed);
+        Some(Lease { conn })
     }
 
     fn check_backoff(&self) -> Result<(), ConnectError> {

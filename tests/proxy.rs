@@ -1408,10 +1408,8 @@ async fn last_frame_credit_returns_to_the_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_own_their_upstream_connections() {
     let backends = backends(1).await;
-    let text = format!(
-        "workers = 2\n{}",
-        config_text(&[backends[0].addr], "round_robin", "", "")
-    );
+    // config_text asks for two workers.
+    let text = config_text(&[backends[0].addr], "round_robin", "", "");
     let gw = start(&text).await;
     assert_eq!(gw.workers(), 2);
     for _ in 0..4 {

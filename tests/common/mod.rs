@@ -31,9 +31,9 @@ pub async fn backends(n: usize) -> Vec<EchoBackend> {
     v
 }
 
-/// A config with an admin server, one h2c listener "edge" on a free port routing everything to
-/// cluster "echo" over `endpoints`; `extra_route` (TOML) is inserted as the listener's first route, and
-/// `cluster_extra` is appended to the cluster table.
+/// A config with two data-plane workers (the same on every machine), an admin server, one h2c listener
+/// "edge" on a free port routing everything to cluster "echo" over `endpoints`; `extra_route` (TOML) is
+/// inserted as the listener's first route, and `cluster_extra` is appended to the cluster table.
 pub fn config_text(
     endpoints: &[SocketAddr],
     balancer: &str,
@@ -43,6 +43,8 @@ pub fn config_text(
     let eps: Vec<String> = endpoints.iter().map(|a| format!("\"{a}\"")).collect();
     format!(
         r#"
+workers = 2
+
 [admin]
 listen = "127.0.0.1:0"
 
