@@ -256,10 +256,52 @@ impl ConnectionHandler {
 
     async fn serve_h2<IO>(
         &self,
-        mut io: IO,
+        io: IO,
         peer: SocketAddr,
         shutdown: CancellationToken,
     ) -> Result<(), String>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        // The handshake's state (preface check, h2's Handshake) is large and short-lived: boxed apart,
+        // the future that lives as long as the connection holds little more than h2's connection.
+        let mut conn = Box::pin(self.h2_handshake(io)).await?;
+        tracing::debug!(listener = %self.name, %peer, "connection established");
+        let mut draining = false;
+        loop {
+            let next = tokio::select! {
+                next = conn.accept() => next,
+                _ = shutdown.cancelled(), if !draining => {
+                    // GOAWAY; accept() keeps driving the connection until every open stream is done.
+                    draining = true;
+                    conn.graceful_shutdown();
+                    continue;
+                }
+            };
+            match next {
+                Some(Ok((req, respond))) => {
+                    let router = self.router.load_full();
+                    // Boxed: the task then holds a pointer, and tokio moves the task state several times
+                    // per call (spawn, completion); moving a pointer is cheaper than ~3 KB of future.
+                    tokio::spawn(Box::pin(proxy::serve_stream(router, req, respond)));
+                }
+                Some(Err(e)) => {
+                    if e.is_io() || e.is_go_away() {
+                        return Err(format!("connection error: {e}"));
+                    }
+                    // A stream-level error was already answered with RST_STREAM by h2; keep going.
+                    tracing::debug!(listener = %self.name, %peer, error = %e, "stream error");
+                }
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// Checks the client preface (answering HTTP/1.x with a 505) and runs h2's server handshake.
+    async fn h2_handshake<IO>(
+        &self,
+        mut io: IO,
+    ) -> Result<h2::server::Connection<Prefixed<IO>, Bytes>, String>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -316,43 +358,14 @@ impl ConnectionHandler {
             pos: 0,
             io,
         };
-        let mut conn = h2::server::Builder::new()
+        h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_concurrent_streams(self.max_concurrent_streams)
             .max_concurrent_reset_streams(crate::upstream::RESET_STREAM_MEMORY)
             .handshake::<_, Bytes>(io)
             .await
-            .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
-        tracing::debug!(listener = %self.name, %peer, "connection established");
-        let mut draining = false;
-        loop {
-            let next = tokio::select! {
-                next = conn.accept() => next,
-                _ = shutdown.cancelled(), if !draining => {
-                    // GOAWAY; accept() keeps driving the connection until every open stream is done.
-                    draining = true;
-                    conn.graceful_shutdown();
-                    continue;
-                }
-            };
-            match next {
-                Some(Ok((req, respond))) => {
-                    let router = self.router.load_full();
-                    // Boxed: the task then holds a pointer, and tokio moves the task state several times
-                    // per call (spawn, completion); moving a pointer is cheaper than ~3 KB of future.
-                    tokio::spawn(Box::pin(proxy::serve_stream(router, req, respond)));
-                }
-                Some(Err(e)) => {
-                    if e.is_io() || e.is_go_away() {
-                        return Err(format!("connection error: {e}"));
-                    }
-                    // A stream-level error was already answered with RST_STREAM by h2; keep going.
-                    tracing::debug!(listener = %self.name, %peer, error = %e, "stream error");
-                }
-                None => return Ok(()),
-            }
-        }
+            .map_err(|e| format!("HTTP/2 handshake failed: {e}"))
     }
 }
 
