@@ -28,49 +28,56 @@ use crate::router::{Route, Router};
 use crate::upstream::Lease;
 
 /// Serves one downstream HTTP/2 stream to completion and records its metrics.
-pub async fn serve_stream(
+///
+/// Written as a function returning an `async move` block rather than an `async fn`: an `async fn`
+/// keeps its arguments twice in its state (as captured and as rebound locals), and this state is
+/// allocated, copied and freed once per call.
+pub fn serve_stream(
     router: Arc<Router>,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
+    // The call's clock starts when h2 hands the stream over, not when its task first runs.
     let start = Instant::now();
-    let path = req.uri().path();
-    if router.answers_health && path == health::CHECK_PATH {
-        let shared = &router.shared;
-        // Boxed: a rare path whose state would otherwise enlarge every call's task.
-        let code = Box::pin(health::answer_check(
-            req,
-            respond,
-            shared.is_draining(),
-            |name| shared.cluster(name).map(|c| c.has_available()),
-        ))
-        .await;
-        router.local.inc(code);
-        return;
-    }
-    let Some(route) = router.route(path) else {
-        let status = Status::new(
-            Code::Unimplemented,
-            format!(
-                "grpcgate: no route for {} on listener \"{}\"",
-                path, router.listener
-            ),
-        );
-        reply(&mut respond, &status);
-        router.local.inc(status.code);
-        return;
-    };
-    let cluster = &route.cluster;
-    let (endpoint, code) = forward(route, req, &mut respond, start).await;
-    let counters = match endpoint {
-        Some(i) => {
-            cluster.report(i, code == Code::Unavailable);
-            &route.counters[i]
+    async move {
+        let path = req.uri().path();
+        if router.answers_health && path == health::CHECK_PATH {
+            let shared = &router.shared;
+            // Boxed: a rare path whose state would otherwise enlarge every call's task.
+            let code = Box::pin(health::answer_check(
+                req,
+                respond,
+                shared.is_draining(),
+                |name| shared.cluster(name).map(|c| c.has_available()),
+            ))
+            .await;
+            router.local.inc(code);
+            return;
         }
-        None => route.unrouted_counters(),
-    };
-    counters.inc(code);
-    cluster.duration.observe(start.elapsed().as_secs_f64());
+        let Some(route) = router.route(path) else {
+            let status = Status::new(
+                Code::Unimplemented,
+                format!(
+                    "grpcgate: no route for {} on listener \"{}\"",
+                    path, router.listener
+                ),
+            );
+            reply(&mut respond, &status);
+            router.local.inc(status.code);
+            return;
+        };
+        let cluster = &route.cluster;
+        let (endpoint, code) = forward(route, req, &mut respond, start).await;
+        let counters = match endpoint {
+            Some(i) => {
+                cluster.report(i, code == Code::Unavailable);
+                &route.counters[i]
+            }
+            None => route.unrouted_counters(),
+        };
+        counters.inc(code);
+        cluster.duration.observe(start.elapsed().as_secs_f64());
+    }
 }
 
 /// Sends a trailers-only response with a status the proxy produced.
@@ -80,13 +87,13 @@ fn reply(respond: &mut SendResponse<Bytes>, status: &Status) {
 }
 
 /// Forwards one call; returns the endpoint it went to (if any) and the status it ended with.
-async fn forward(
-    route: &Route,
-    req: Request<RecvStream>,
-    respond: &mut SendResponse<Bytes>,
+/// (An `async move` block, like [`serve_stream`], so the request is held once, not twice.)
+fn forward<'a>(
+    route: &'a Route,
+    mut req: Request<RecvStream>,
+    respond: &'a mut SendResponse<Bytes>,
     start: Instant,
-) -> (Option<usize>, Code) {
-    let cluster = &route.cluster;
+) -> impl Future<Output = (Option<usize>, Code)> + Send + 'a {
     let client_timeout = req
         .headers()
         .get(&GRPC_TIMEOUT)
@@ -95,186 +102,196 @@ async fn forward(
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
-    let deadline = budget.map(|b| start + b);
-    let mut deadline_sleep = pin!(tokio::time::sleep_until(
-        deadline.unwrap_or_else(|| start + Duration::from_secs(86_400 * 365))
-    ));
-    let deadline_status = || {
-        Status::new(
-            Code::DeadlineExceeded,
-            format!(
-                "grpcgate: deadline of {}ms exceeded",
-                budget.unwrap_or_default().as_millis()
-            ),
-        )
-    };
+    async move {
+        let cluster = &route.cluster;
+        let deadline = budget.map(|b| start + b);
+        let mut deadline_sleep = pin!(tokio::time::sleep_until(
+            deadline.unwrap_or_else(|| start + Duration::from_secs(86_400 * 365))
+        ));
+        let deadline_status = || {
+            Status::new(
+                Code::DeadlineExceeded,
+                format!(
+                    "grpcgate: deadline of {}ms exceeded",
+                    budget.unwrap_or_default().as_millis()
+                ),
+            )
+        };
 
-    let (mut parts, mut down_body) = req.into_parts();
-    let end_of_stream = down_body.is_end_stream();
+        let end_of_stream = req.body().is_end_stream();
 
-    // Pick an endpoint and get a stream slot on a connection to it.
-    let acquired = tokio::select! {
-        r = acquire(cluster) => r,
-        _ = &mut deadline_sleep, if deadline.is_some() => Err(deadline_status()),
-        _ = poll_fn(|cx| respond.poll_reset(cx)) => return (None, Code::Cancelled),
-    };
-    let (idx, _in_flight, lease, mut sender) = match acquired {
-        Ok(x) => x,
-        Err(status) => {
-            reply(respond, &status);
-            return (None, status.code);
-        }
-    };
-    let endpoint = &cluster.endpoints[idx];
-
-    // No hop-by-hop headers to strip: h2 treats a request carrying `connection`, `keep-alive`,
-    // `transfer-encoding`, `upgrade`, `proxy-connection` or a `te` other than `trailers` as malformed
-    // (RFC 9113 §8.2.2) and resets it before it gets here.
-    if let Some(d) = deadline {
-        let remaining = d.saturating_duration_since(Instant::now());
-        parts
-            .headers
-            .insert(GRPC_TIMEOUT.clone(), grpc::encode_timeout(remaining));
-    }
-    parts.uri = upstream_uri(std::mem::take(&mut parts.uri), endpoint);
-    let (resp_fut, mut up_send) =
-        match sender.send_request(Request::from_parts(parts, ()), end_of_stream) {
+        // Pick an endpoint and get a stream slot on a connection to it.
+        let acquired = tokio::select! {
+            r = acquire(cluster) => r,
+            _ = &mut deadline_sleep, if deadline.is_some() => Err(deadline_status()),
+            _ = poll_fn(|cx| respond.poll_reset(cx)) => return (None, Code::Cancelled),
+        };
+        let (idx, _in_flight, lease, mut sender) = match acquired {
             Ok(x) => x,
-            Err(e) => {
-                lease.discard();
-                let status = upstream_error_status(&e, endpoint);
+            Err(status) => {
                 reply(respond, &status);
-                return (Some(idx), status.code);
+                return (None, status.code);
+            }
+        };
+        let endpoint = &cluster.endpoints[idx];
+
+        // No hop-by-hop headers to strip: h2 treats a request carrying `connection`, `keep-alive`,
+        // `transfer-encoding`, `upgrade`, `proxy-connection` or a `te` other than `trailers` as malformed
+        // (RFC 9113 §8.2.2) and resets it before it gets here.
+        if let Some(d) = deadline {
+            let remaining = d.saturating_duration_since(Instant::now());
+            req.headers_mut()
+                .insert(GRPC_TIMEOUT.clone(), grpc::encode_timeout(remaining));
+        }
+        // Taken apart only now, with no await until it is sent: the parts are never held in the state.
+        let (resp_fut, mut up_send, mut down_body) = {
+            let (mut parts, down_body) = req.into_parts();
+            parts.uri = upstream_uri(std::mem::take(&mut parts.uri), endpoint);
+            match sender.send_request(Request::from_parts(parts, ()), end_of_stream) {
+                Ok((resp_fut, up_send)) => (resp_fut, up_send, down_body),
+                Err(e) => {
+                    lease.discard();
+                    let status = upstream_error_status(&e, endpoint);
+                    reply(respond, &status);
+                    return (Some(idx), status.code);
+                }
             }
         };
 
-    let mut req_pump = pin!(Pump::new(&mut down_body, &mut up_send, None));
-    let mut req_done = end_of_stream;
-    let mut resp_fut = pin!(resp_fut);
+        let mut req_pump = pin!(Pump::new(&mut down_body, &mut up_send, None));
+        let mut req_done = end_of_stream;
+        let mut resp_fut = pin!(resp_fut);
 
-    // Phase 1: wait for the upstream response headers. `biased`, deadline first: the upstream got the
-    // same deadline and may answer "timed out" at the same moment, but the client must see ours.
-    let response = loop {
-        tokio::select! {
-            biased;
-            _ = &mut deadline_sleep, if deadline.is_some() => break None,
-            _ = poll_fn(|cx| respond.poll_reset(cx)) => return (Some(idx), Code::Cancelled),
-            r = &mut resp_fut => break Some(r),
-            r = &mut req_pump, if !req_done => {
-                req_done = true;
-                if let Err(PumpError::Src(_)) = r {
-                    // The client reset its stream or broke its connection.
-                    return (Some(idx), Code::Cancelled);
+        // Phases 1 and the response head in one block: the response and its head (240 bytes) are dead
+        // before phase 2, so the call's state does not carry them through the body.
+        let (mut down_send, mut up_body) = {
+            // Phase 1: wait for the upstream response headers. `biased`, deadline first: the upstream got the
+            // same deadline and may answer "timed out" at the same moment, but the client must see ours.
+            let response = loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut deadline_sleep, if deadline.is_some() => break None,
+                    _ = poll_fn(|cx| respond.poll_reset(cx)) => return (Some(idx), Code::Cancelled),
+                    r = &mut resp_fut => break Some(r),
+                    r = &mut req_pump, if !req_done => {
+                        req_done = true;
+                        if let Err(PumpError::Src(_)) = r {
+                            // The client reset its stream or broke its connection.
+                            return (Some(idx), Code::Cancelled);
+                        }
+                        // Ok, or the upstream stopped reading: the response (or its error) comes next.
+                    }
                 }
-                // Ok, or the upstream stopped reading: the response (or its error) comes next.
+            };
+            // An answer that arrives after our deadline passed (the timer not yet polled) still loses to it.
+            let response = match response {
+                Some(r) if deadline.is_none_or(|d| Instant::now() < d) => r,
+                _ => {
+                    let status = deadline_status();
+                    reply(respond, &status);
+                    return (Some(idx), status.code);
+                }
+            };
+            let response = match response {
+                Ok(r) => r,
+                Err(e) => {
+                    let status = upstream_error_status(&e, endpoint);
+                    reply(respond, &status);
+                    return (Some(idx), status.code);
+                }
+            };
+            let (head, up_body) = response.into_parts();
+            if head.status != StatusCode::OK {
+                let status = Status::new(
+                    grpc::code_for_http_status(head.status),
+                    format!(
+                        "grpcgate: upstream {} answered HTTP {} instead of gRPC",
+                        endpoint.address, head.status
+                    ),
+                );
+                reply(respond, &status);
+                return (Some(idx), status.code);
             }
-        }
-    };
-    // An answer that arrives after our deadline passed (the timer not yet polled) still loses to it.
-    let response = match response {
-        Some(r) if deadline.is_none_or(|d| Instant::now() < d) => r,
-        _ => {
-            let status = deadline_status();
-            reply(respond, &status);
-            return (Some(idx), status.code);
-        }
-    };
-    let response = match response {
-        Ok(r) => r,
-        Err(e) => {
-            let status = upstream_error_status(&e, endpoint);
-            reply(respond, &status);
-            return (Some(idx), status.code);
-        }
-    };
-    let (head, mut up_body) = response.into_parts();
-    if head.status != StatusCode::OK {
-        let status = Status::new(
-            grpc::code_for_http_status(head.status),
-            format!(
-                "grpcgate: upstream {} answered HTTP {} instead of gRPC",
-                endpoint.address, head.status
-            ),
-        );
-        reply(respond, &status);
-        return (Some(idx), status.code);
-    }
-    let trailers_only = up_body.is_end_stream();
-    let mut head = head;
-    let header_code = head.headers.get(&GRPC_STATUS).map(Code::from_header);
-    // A 200 that is not gRPC (an HTML error page, a misrouted HTTP server). A trailers-only answer
-    // with a grpc-status is gRPC even if the server left out the content-type.
-    let is_grpc = grpc::is_grpc_content_type(head.headers.get(CONTENT_TYPE))
-        || (trailers_only && header_code.is_some());
-    if !is_grpc {
-        let content_type = head
-            .headers
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("none");
-        let status = Status::new(
-            Code::Unknown,
-            format!(
-                "grpcgate: upstream {} answered HTTP 200 with content-type \"{content_type}\" instead of gRPC",
-                endpoint.address
-            ),
-        );
-        reply(respond, &status);
-        return (Some(idx), status.code);
-    }
-    if trailers_only && header_code.is_none() {
-        missing_status(endpoint).write_to(&mut head.headers);
-    }
-    let mut down_send = match respond.send_response(Response::from_parts(head, ()), trailers_only) {
-        Ok(s) => s,
-        Err(_) => return (Some(idx), Code::Cancelled),
-    };
-    if trailers_only {
-        return (Some(idx), header_code.unwrap_or(Code::Internal));
-    }
+            let trailers_only = up_body.is_end_stream();
+            let mut head = head;
+            let header_code = head.headers.get(&GRPC_STATUS).map(Code::from_header);
+            // A 200 that is not gRPC (an HTML error page, a misrouted HTTP server). A trailers-only answer
+            // with a grpc-status is gRPC even if the server left out the content-type.
+            let is_grpc = grpc::is_grpc_content_type(head.headers.get(CONTENT_TYPE))
+                || (trailers_only && header_code.is_some());
+            if !is_grpc {
+                let content_type = head
+                    .headers
+                    .get(CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("none");
+                let status = Status::new(
+                Code::Unknown,
+                format!(
+                    "grpcgate: upstream {} answered HTTP 200 with content-type \"{content_type}\" instead of gRPC",
+                    endpoint.address
+                ),
+            );
+                reply(respond, &status);
+                return (Some(idx), status.code);
+            }
+            if trailers_only && header_code.is_none() {
+                missing_status(endpoint).write_to(&mut head.headers);
+            }
+            let down_send =
+                match respond.send_response(Response::from_parts(head, ()), trailers_only) {
+                    Ok(s) => s,
+                    Err(_) => return (Some(idx), Code::Cancelled),
+                };
+            if trailers_only {
+                return (Some(idx), header_code.unwrap_or(Code::Internal));
+            }
+            (down_send, up_body)
+        };
 
-    // Phase 2: stream the response body and trailers (while the request body may still flow, for bidi).
-    enum End {
-        Done(Result<Option<Code>, PumpError>),
-        ClientGone,
-        Deadline,
-    }
-    let end = {
-        let mut resp_pump = pin!(Pump::new(&mut up_body, &mut down_send, Some(endpoint)));
-        loop {
-            tokio::select! {
-                biased;
-                _ = &mut deadline_sleep, if deadline.is_some() => break End::Deadline,
-                r = &mut resp_pump => break End::Done(r),
-                r = &mut req_pump, if !req_done => {
-                    req_done = true;
-                    if let Err(PumpError::Src(_)) = r {
-                        break End::ClientGone;
+        // Phase 2: stream the response body and trailers (while the request body may still flow, for bidi).
+        enum End {
+            Done(Result<Option<Code>, PumpError>),
+            ClientGone,
+            Deadline,
+        }
+        let end = {
+            let mut resp_pump = pin!(Pump::new(&mut up_body, &mut down_send, Some(endpoint)));
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut deadline_sleep, if deadline.is_some() => break End::Deadline,
+                    r = &mut resp_pump => break End::Done(r),
+                    r = &mut req_pump, if !req_done => {
+                        req_done = true;
+                        if let Err(PumpError::Src(_)) = r {
+                            break End::ClientGone;
+                        }
                     }
                 }
             }
+        };
+        match end {
+            // The pump filled in INTERNAL if the upstream sent no grpc-status.
+            End::Done(Ok(code)) => (Some(idx), code.unwrap_or(Code::Internal)),
+            End::Done(Err(PumpError::Src(e))) => {
+                // The upstream broke mid-stream: end the client's call with a status saying so.
+                let status = upstream_error_status(&e, endpoint);
+                let _ = down_send.send_trailers(status.to_trailers());
+                (Some(idx), status.code)
+            }
+            End::Done(Err(PumpError::Dst(e))) => {
+                tracing::debug!(error = ?e, "client went away mid-response");
+                (Some(idx), Code::Cancelled)
+            }
+            End::ClientGone => (Some(idx), Code::Cancelled),
+            End::Deadline => {
+                let _ = down_send.send_trailers(deadline_status().to_trailers());
+                (Some(idx), Code::DeadlineExceeded)
+            }
         }
-    };
-    match end {
-        // The pump filled in INTERNAL if the upstream sent no grpc-status.
-        End::Done(Ok(code)) => (Some(idx), code.unwrap_or(Code::Internal)),
-        End::Done(Err(PumpError::Src(e))) => {
-            // The upstream broke mid-stream: end the client's call with a status saying so.
-            let status = upstream_error_status(&e, endpoint);
-            let _ = down_send.send_trailers(status.to_trailers());
-            (Some(idx), status.code)
-        }
-        End::Done(Err(PumpError::Dst(e))) => {
-            tracing::debug!(error = ?e, "client went away mid-response");
-            (Some(idx), Code::Cancelled)
-        }
-        End::ClientGone => (Some(idx), Code::Cancelled),
-        End::Deadline => {
-            let _ = down_send.send_trailers(deadline_status().to_trailers());
-            (Some(idx), Code::DeadlineExceeded)
-        }
+        // Returning drops the upstream stream handles; h2 resets an unfinished upstream stream with CANCEL.
     }
-    // Returning drops the upstream stream handles; h2 resets an unfinished upstream stream with CANCEL.
 }
 
 /// The status for a response that ended without `grpc-status`.
@@ -540,6 +557,7 @@ mod tests {
     fn serve_stream_future_stays_small() {
         let size = future_size(super::serve_stream);
         println!("serve_stream future: {size} bytes");
-        assert!(size <= 3072, "serve_stream future grew to {size} bytes");
+        // 1280 bytes at the time of writing (from 2464 as async fns holding their arguments twice).
+        assert!(size <= 1536, "serve_stream future grew to {size} bytes");
     }
 }
