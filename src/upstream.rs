@@ -95,6 +95,17 @@ pub struct Pool {
     backoff: Mutex<Backoff>,
 }
 
+/// Which connections [`Pool::try_lease`] may pick.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LeaseMode {
+    /// This worker's, with room for another stream (unless at the connection cap).
+    Room,
+    /// This worker's, full or not.
+    Overflow,
+    /// Any worker's, full or not.
+    AnyWorker,
+}
+
 /// A stream slot on a pooled connection; dropping it frees the slot.
 pub struct Lease {
     conn: Arc<Conn>,
@@ -142,7 +153,7 @@ impl Pool {
 
     /// A stream slot on a connection with room, opening a connection if none has.
     pub async fn acquire(&self) -> Result<Lease, ConnectError> {
-        if let Some(lease) = self.try_lease(false) {
+        if let Some(lease) = self.try_lease(LeaseMode::Room) {
             return Ok(lease);
         }
         // Boxed: the connect path's state (TCP connect, h2 handshake) is large, and inline it would
@@ -154,16 +165,16 @@ impl Pool {
         // While connects back off, a connection another worker holds beats failing the call: h2's
         // handles work from any thread, the call just crosses threads.
         if let Err(e) = self.check_backoff() {
-            return self.lease_any_worker().ok_or(e);
+            return self.try_lease(LeaseMode::AnyWorker).ok_or(e);
         }
         let connecting = self.connect_lock();
         let _connecting = connecting.lock().await;
         // Someone else may have connected while we waited.
-        if let Some(lease) = self.try_lease(false) {
+        if let Some(lease) = self.try_lease(LeaseMode::Room) {
             return Ok(lease);
         }
         if let Err(e) = self.check_backoff() {
-            return self.lease_any_worker().ok_or(e);
+            return self.try_lease(LeaseMode::AnyWorker).ok_or(e);
         }
         match self.connect().await {
             Ok(conn) => {
@@ -185,8 +196,8 @@ impl Pool {
                 drop(b);
                 // Under the connection cap a full connection, or another worker's, is still better
                 // than failing the call.
-                self.try_lease(true)
-                    .or_else(|| self.lease_any_worker())
+                self.try_lease(LeaseMode::Overflow)
+                    .or_else(|| self.try_lease(LeaseMode::AnyWorker))
                     .ok_or(ConnectError::Failed(e))
             }
         }
@@ -202,19 +213,6 @@ impl Pool {
             .clone()
     }
 
-    /// The least-loaded open connection of any worker, full or not (the fallback when this worker
-    /// cannot connect).
-    fn lease_any_worker(&self) -> Option<Lease> {
-        let conns = self.conns.lock();
-        let conn = conns
-            .iter()
-            .filter(|c| !c.closed.load(Ordering::Relaxed))
-            .min_by_key(|c| c.active.load(Ordering::Relaxed))?
-            .clone();
-        conn.active.fetch_add(1, Ordering::Relaxed);
-        Some(Lease { conn })
-    }
-
     fn check_backoff(&self) -> Result<(), ConnectError> {
         let b = self.backoff.lock();
         match b.until {
@@ -226,27 +224,43 @@ impl Pool {
         }
     }
 
-    /// Takes a slot on the connection with the most room under its stream limit; with `overflow`, on
-    /// the least-loaded connection even if it is full (h2 queues the stream until one finishes).
-    fn try_lease(&self, overflow: bool) -> Option<Lease> {
+    /// Takes a slot on one of this worker's connections: the least-loaded one with room under its
+    /// stream limit, or, with [`LeaseMode::Overflow`] or at the connection cap, the least-loaded one even
+    /// if full (h2 queues the stream until one finishes). [`LeaseMode::AnyWorker`] also considers other
+    /// workers' connections (the fallback when this worker cannot connect).
+    fn try_lease(&self, mode: LeaseMode) -> Option<Lease> {
         let worker = worker::current();
         let mut conns = self.conns.lock();
         conns.retain(|c| !c.closed.load(Ordering::Relaxed));
-        let full = conns.iter().filter(|c| c.worker == worker).count() >= MAX_CONNECTIONS;
-        let mut best: Option<&Arc<Conn>> = None;
-        for c in conns.iter().filter(|c| c.worker == worker) {
+        let (mut with_room, mut least_loaded, mut considered) =
+            (None::<&Arc<Conn>>, None::<&Arc<Conn>>, 0);
+        for c in conns
+            .iter()
+            .filter(|c| mode == LeaseMode::AnyWorker || c.worker == worker)
+        {
+            considered += 1;
             let active = c.active.load(Ordering::Relaxed);
             let has_room = active < c.send.current_max_send_streams().min(self.max_streams);
-            if (has_room || overflow || full)
-                && best.is_none_or(|b| active < b.active.load(Ordering::Relaxed))
-            {
-                best = Some(c);
-                if active == 0 {
-                    break;
-                }
+            if has_room && active == 0 {
+                // Idle with room: nothing can beat it.
+                with_room = Some(c);
+                least_loaded = Some(c);
+                break;
+            }
+            let less = |b: &Arc<Conn>| active < b.active.load(Ordering::Relaxed);
+            if has_room && with_room.is_none_or(less) {
+                with_room = Some(c);
+            }
+            if least_loaded.is_none_or(less) {
+                least_loaded = Some(c);
             }
         }
-        let conn = best?.clone();
+        let conn = if mode != LeaseMode::Room || considered >= MAX_CONNECTIONS {
+            least_loaded
+        } else {
+            with_room
+        }?
+        .clone();
         conn.active.fetch_add(1, Ordering::Relaxed);
         Some(Lease { conn })
     }
