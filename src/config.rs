@@ -27,6 +27,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Data-plane worker threads; 0 = one per CPU the process may run on.
     pub workers: u32,
+    /// Workers poll for I/O without sleeping (like HAProxy's `busy-polling`): lower latency, a full
+    /// CPU per worker.
+    pub busy_poll: bool,
 }
 
 /// The admin HTTP server (`/metrics`, `/healthz`, `/ready`).
@@ -187,6 +190,7 @@ struct RawConfig {
     clusters: Vec<RawCluster>,
     drain_timeout: Option<Spanned<DurationStr>>,
     workers: Option<Spanned<u32>>,
+    busy_poll: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -821,6 +825,7 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
         clusters,
         drain_timeout: loc.duration(&raw.drain_timeout, "drain_timeout", DEFAULT_DRAIN_TIMEOUT)?,
         workers: loc.int(&raw.workers, "workers", 0..=1024, 0)?,
+        busy_poll: raw.busy_poll.unwrap_or(false),
     })
 }
 
@@ -959,6 +964,16 @@ endpoints = ["127.0.0.1:50051", "localhost:50052"]
         );
         assert_eq!(parse(&format!("workers = 3\n{GOOD}")).unwrap().workers, 3);
         assert_eq!(parse(GOOD).unwrap().workers, 0);
+        assert!(!parse(GOOD).unwrap().busy_poll);
+        assert!(
+            parse(&format!("busy_poll = true\n{GOOD}"))
+                .unwrap()
+                .busy_poll
+        );
+        let e = parse(&format!("busy_poll = 1\n{GOOD}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("x.toml:1") && e.contains("busy_poll"), "{e}");
         let e = parse(&cluster_extra("choice_count = 1"))
             .unwrap_err()
             .to_string();

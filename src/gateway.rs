@@ -72,15 +72,19 @@ pub struct Gateway {
     connections: TaskTracker,
     /// The data-plane threads; dropped (stopped) with the gateway, after the drain.
     workers: Arc<Workers>,
-    workers_config: u32,
+    workers_config: (u32, bool),
 }
 
 impl Gateway {
     /// Binds every listener and the admin port and starts serving. Fails if an address cannot be bound.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         // Threads first: if they cannot start, nothing else has been started to leak.
-        let workers = Arc::new(Workers::start(config.workers as usize)?);
-        tracing::info!(workers = workers.len(), "data-plane workers started");
+        let workers = Arc::new(Workers::start(config.workers as usize, config.busy_poll)?);
+        tracing::info!(
+            workers = workers.len(),
+            busy_poll = config.busy_poll,
+            "data-plane workers started"
+        );
         let metrics = Metrics::new();
         let clusters: Vec<Arc<Cluster>> = config
             .clusters
@@ -128,7 +132,7 @@ impl Gateway {
             health_checks: Mutex::new(health_checks),
             connections,
             workers,
-            workers_config: config.workers,
+            workers_config: (config.workers, config.busy_poll),
         })
     }
 
@@ -167,8 +171,11 @@ impl Gateway {
         if self.admin_config != config.admin.as_ref().map(|a| a.listen) {
             return Err("the admin address changed; that needs a restart".into());
         }
-        if self.workers_config != config.workers {
+        if self.workers_config.0 != config.workers {
             return Err("workers changed; that needs a restart".into());
+        }
+        if self.workers_config.1 != config.busy_poll {
+            return Err("busy_poll changed; that needs a restart".into());
         }
         let previous = self.shared.clusters();
         let clusters: Vec<Arc<Cluster>> = config

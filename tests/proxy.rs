@@ -1478,3 +1478,33 @@ async fn workers_own_their_upstream_connections() {
         .await
         .expect("call after refused reload");
 }
+
+/// With `busy_poll` the workers spin instead of sleeping; calls still go through, the gateway still
+/// shuts down (the spinning task ends with its worker), and the setting cannot change on reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_poll_workers_serve_and_stop() {
+    let backends = backends(1).await;
+    let text = config_text(&[backends[0].addr], "round_robin", "", "")
+        .replace("workers = 2", "workers = 1\nbusy_poll = true");
+    let gw = start(&text).await;
+    let mut c = edge_client(&gw).await;
+    for i in 0..3u8 {
+        let r = bounded(c.unary(msg(&[i])))
+            .await
+            .expect("call")
+            .into_inner();
+        assert_eq!(r.payload, [i]);
+    }
+    let changed = text.replace("busy_poll = true", "busy_poll = false");
+    let config = grpcgate::config::Config::parse(&changed, "test.toml", std::path::Path::new("."))
+        .expect("valid config");
+    let err = gw
+        .reload(config)
+        .expect_err("busy_poll cannot change on reload");
+    assert!(err.contains("busy_poll"), "{err}");
+    drop(c);
+    assert!(
+        bounded(gw.shutdown(Duration::from_secs(5))).await,
+        "clean shutdown"
+    );
+}
