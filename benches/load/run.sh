@@ -41,6 +41,8 @@ ROUNDS=${ROUNDS:-1}                # >1: every scenario runs this many times per
 MAX_OTHER=${MAX_OTHER:-0.05}       # "disturbed": other processes (or steal) took more CPU-s/s than this
 PERF=${PERF:-0}                    # 1: afterwards, perf record -g grpcgate under unary-closed
 BUILD=${BUILD:-1}                  # 0: use the binaries already in target/release
+BUSY_POLL=${BUSY_POLL:-0}          # 1: grpcgate busy_poll = true and HAProxy busy-polling (NGINX has none);
+                                   # proxy CPU figures then count the spinning, not the work
 OUT_DIR=${OUT_DIR:-$ROOT/benches/load}
 NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 HAPROXY=${HAPROXY:-$(command -v haproxy || echo /usr/sbin/haproxy)}
@@ -148,6 +150,7 @@ HAPROXY_PORT=$((BASE_PORT + 300))
 
 {
   echo 'drain_timeout = "1s"'
+  [[ $BUSY_POLL == 1 ]] && echo 'busy_poll = true'
   echo
   echo '[[listeners]]'
   echo 'name = "bench"'
@@ -214,6 +217,7 @@ HAPROXY_MAXCONN=$(( ($(ulimit -n) - 200) / 2 ))
   cat <<EOF
 global
     nbthread 1
+    $([[ $BUSY_POLL == 1 ]] && echo busy-polling)
     maxconn $HAPROXY_MAXCONN
     tune.h2.max-concurrent-streams $MAX_STREAMS
     tune.h2.initial-window-size 1048576
@@ -397,7 +401,7 @@ cleanup
 # Report
 
 meta=(
-  "command=DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS bash benches/load/run.sh"
+  "command=DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS$([[ $BUSY_POLL == 1 ]] && echo ' BUSY_POLL=1') bash benches/load/run.sh"
   "rounds=$ROUNDS per scenario and system, interleaved; each number is the median over the rounds"
   "pinning=proxy on CPU $PROXY_CPU; load generator and $BACKENDS echo backends on CPU $LOAD_CPU (taskset)"
   "proxies=grpcgate $(git rev-parse --short HEAD 2>/dev/null || echo ?)$(git diff --quiet HEAD -- src 2>/dev/null || echo '+dirty') (workers = 0: one worker thread on its one CPU, round_robin); $("$NGINX" -v 2>&1 | sed 's/nginx version: //') (worker_processes 1, grpc_pass, upstream keepalive 1024); $("$HAPROXY" -v 2>/dev/null | head -1 | awk '{print "HAProxy " $3}') (nbthread 1, proto h2 both sides, http-reuse always)"
