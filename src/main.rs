@@ -9,9 +9,9 @@ use tokio::signal::unix::{signal, SignalKind};
 
 // jemalloc rather than glibc malloc. A proxied call allocates and frees the same handful of sizes on
 // a worker thread. Measured at 496d942 on the load benchmark:
-// - a unary call: 50.5k -> 48.1k instructions (callgrind), about 6 % less CPU;
-// - 10,000 concurrent streams, where glibc's tcache overflows into its bins: ~7 % less CPU;
-// - an idle connection: 14.2 -> 11.0 KiB, because released h2 buffers go back to per-size slabs.
+// - a unary call: 50.5k -> 48.1k instructions (callgrind);
+// - 10,000 concurrent streams, where glibc's tcache overflows into its bins: ~7 % less CPU.
+// Idle memory per connection came out the same (13-14 KiB).
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
