@@ -535,7 +535,7 @@ async fn ejections_last_base_time_times_ejections_and_respect_the_cap() {
         "[clusters.outlier_detection]\nconsecutive_failures = 3\nbase_ejection_time = \"200ms\"\n\
          max_ejection_percent = 50\n",
     );
-    let config = grpcgate::Config::parse(&text, "t.toml", std::path::Path::new(".")).unwrap();
+    let config = parse(&text);
     let metrics = grpcgate::metrics::Metrics::new();
     let cluster = grpcgate::balancer::Cluster::new(&config.clusters[0], &metrics);
     assert_eq!(cluster.available(), 4);

@@ -1467,10 +1467,8 @@ async fn workers_own_their_upstream_connections() {
     assert_eq!(pool.connections(), 2, "one upstream connection per worker");
 
     let changed = text.replace("workers = 2", "workers = 3");
-    let config = grpcgate::config::Config::parse(&changed, "test.toml", std::path::Path::new("."))
-        .expect("valid config");
     let err = gw
-        .reload(config)
+        .reload(parse(&changed))
         .expect_err("workers cannot change on reload");
     assert!(err.contains("workers"), "{err}");
     // Still serving on the old config.
@@ -1496,10 +1494,8 @@ async fn busy_poll_workers_serve_and_stop() {
         assert_eq!(r.payload, [i]);
     }
     let changed = text.replace("busy_poll = true", "busy_poll = false");
-    let config = grpcgate::config::Config::parse(&changed, "test.toml", std::path::Path::new("."))
-        .expect("valid config");
     let err = gw
-        .reload(config)
+        .reload(parse(&changed))
         .expect_err("busy_poll cannot change on reload");
     assert!(err.contains("busy_poll"), "{err}");
     drop(c);

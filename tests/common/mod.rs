@@ -66,10 +66,14 @@ endpoints = [{eps}]
     )
 }
 
+/// Parses config text, panicking with the error.
+pub fn parse(text: &str) -> Config {
+    Config::parse(text, "test.toml", Path::new(".")).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Parses config text (panicking with the error) and starts a gateway.
 pub async fn start(text: &str) -> Gateway {
-    let config = Config::parse(text, "test.toml", Path::new(".")).unwrap_or_else(|e| panic!("{e}"));
-    Gateway::start(config).await.expect("gateway start")
+    Gateway::start(parse(text)).await.expect("gateway start")
 }
 
 /// A gateway in front of `backends` with round robin and no extras.
