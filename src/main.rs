@@ -15,6 +15,13 @@ use tokio::signal::unix::{signal, SignalKind};
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read once at start-up (the prefixed build reads `_rjem_malloc_conf`).
+/// The thread cache is garbage-collected every 2 MiB allocated instead of every 64 KiB: with the
+/// default, the GC sweeps cost ~0.8k instructions per proxied call (callgrind), and a worker's
+/// working set is the same few sizes over and over, so the cache has little to give back.
+#[export_name = "_rjem_malloc_conf"]
+pub static MALLOC_CONF: &[u8; 29] = b"tcache_gc_incr_bytes:2097152\0";
+
 /// A gRPC-aware L7 load-balancing reverse proxy.
 #[derive(Parser)]
 #[command(name = "grpcgate", version, about)]

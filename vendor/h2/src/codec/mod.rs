@@ -4,7 +4,7 @@ mod framed_write;
 
 pub use self::error::{SendError, UserError};
 
-use self::framed_read::FramedRead;
+use self::framed_read::{FrameSplitter, FramedRead};
 use self::framed_write::FramedWrite;
 
 use crate::frame::{self, Data, Frame};
@@ -16,7 +16,6 @@ use futures_sink::Sink;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::codec::length_delimited;
 
 use std::io;
 
@@ -41,13 +40,11 @@ where
         // Wrap with writer
         let framed_write = FramedWrite::new(io);
 
-        // Delimit the frames
-        let delimited = length_delimited::Builder::new()
-            .big_endian()
-            .length_field_length(3)
-            .length_adjustment(9)
-            .num_skip(0) // Don't skip the header
-            .new_read(framed_write);
+        // Delimit the frames (grpcgate patch: `FrameSplitter`, not tokio-util's length_delimited)
+        let delimited = tokio_util::codec::FramedRead::new(
+            framed_write,
+            FrameSplitter::new(frame::DEFAULT_MAX_FRAME_SIZE as usize),
+        );
 
         let mut inner = FramedRead::new(delimited);
 

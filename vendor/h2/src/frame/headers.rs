@@ -3,7 +3,9 @@ use crate::ext::Protocol;
 use crate::frame::{Error, Frame, Head, Kind};
 use crate::hpack::{self, BytesStr};
 
-use http::header::{self, HeaderName, HeaderValue};
+use http::header;
+#[cfg(any(test, fuzzing))]
+use http::header::{HeaderName, HeaderValue};
 use http::{uri, HeaderMap, Method, Request, StatusCode, Uri};
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -81,6 +83,7 @@ pub struct Pseudo {
     pub status: Option<StatusCode>,
 }
 
+#[cfg(any(test, fuzzing))] // grpcgate patch: `into_encoding` no longer uses it
 #[derive(Debug)]
 pub struct Iter {
     /// Pseudo headers
@@ -716,6 +719,7 @@ impl EncodingHeaderBlock {
 
 // ===== impl Iter =====
 
+#[cfg(any(test, fuzzing))]
 impl Iterator for Iter {
     type Item = hpack::Header<Option<HeaderName>>;
 
@@ -996,14 +1000,47 @@ impl HeaderBlock {
     }
 
     fn into_encoding(self, encoder: &mut hpack::Encoder) -> EncodingHeaderBlock {
+        use crate::hpack::header::Name;
+
         let mut hpack = encoder.take_scratch();
         hpack.clear();
-        let headers = Iter {
-            pseudo: Some(self.pseudo),
-            fields: self.fields.into_iter(),
-        };
 
-        encoder.encode(headers, &mut hpack);
+        // grpcgate patch: encoded field by field from references (see `Encoder::encode_field`),
+        // in the order `Iter` yields them: pseudo-headers first, then the fields.
+        let dst = &mut hpack;
+        encoder.begin_block(dst);
+        let pseudo = &self.pseudo;
+        if let Some(ref v) = pseudo.method {
+            let owned = || hpack::Header::Method(v.clone());
+            encoder.encode_field(Name::Method, v.as_str().as_bytes(), owned, dst);
+        }
+        if let Some(ref v) = pseudo.scheme {
+            let owned = || hpack::Header::Scheme(v.clone());
+            encoder.encode_field(Name::Scheme, v.as_str().as_bytes(), owned, dst);
+        }
+        if let Some(ref v) = pseudo.authority {
+            let owned = || hpack::Header::Authority(v.clone());
+            encoder.encode_field(Name::Authority, v.as_str().as_bytes(), owned, dst);
+        }
+        if let Some(ref v) = pseudo.path {
+            let owned = || hpack::Header::Path(v.clone());
+            encoder.encode_field(Name::Path, v.as_str().as_bytes(), owned, dst);
+        }
+        if let Some(ref v) = pseudo.protocol {
+            let owned = || hpack::Header::Protocol(v.clone());
+            encoder.encode_field(Name::Protocol, v.as_str().as_bytes(), owned, dst);
+        }
+        if let Some(v) = pseudo.status {
+            let owned = || hpack::Header::Status(v);
+            encoder.encode_field(Name::Status, v.as_str().as_bytes(), owned, dst);
+        }
+        for (name, value) in self.fields.iter() {
+            let owned = || hpack::Header::Field {
+                name: name.clone(),
+                value: value.clone(),
+            };
+            encoder.encode_field(Name::Field(name), value.as_bytes(), owned, dst);
+        }
 
         EncodingHeaderBlock { hpack }
     }

@@ -1,7 +1,9 @@
-use super::table::{Index, Table};
+use super::header::Name;
+use super::table::{index_static_parts, Index, Table};
 use super::{huffman, Header};
 
 use bytes::{BufMut, BytesMut};
+#[cfg(any(test, fuzzing))]
 use http::header::{HeaderName, HeaderValue};
 
 const DEFAULT_MAX_ALLOWED_SIZE: usize = 4 * 1024;
@@ -98,6 +100,7 @@ impl Encoder {
     }
 
     /// Encode a set of headers into the provide buffer
+    #[cfg(any(test, fuzzing))] // grpcgate patch: the frame encoder uses `encode_field`
     pub fn encode<I>(&mut self, headers: I, dst: &mut BytesMut)
     where
         I: IntoIterator<Item = Header<Option<HeaderName>>>,
@@ -134,6 +137,45 @@ impl Encoder {
                 }
             }
         }
+    }
+
+    /// grpcgate patch: starts a header block encoded field by field with `encode_field`.
+    pub(crate) fn begin_block(&mut self, dst: &mut BytesMut) {
+        self.encode_size_updates(dst);
+    }
+
+    /// grpcgate patch: encodes one header field of a block started with `begin_block`.
+    ///
+    /// A field that is fully indexed (static table, or already in the dynamic table) is encoded
+    /// from the borrowed name and value; only a field that has to be inserted or sent as a literal
+    /// is made into an owned `Header` by `owned` and goes through `Table::index` as before. On a
+    /// connection that carries the same headers call after call, that is almost every field, and
+    /// `encode` moved a ~100-byte `Header` through several enums per field to find that out.
+    /// The bytes produced are the same as `encode`'s, except that a repeated field name is
+    /// looked up again instead of reusing the previous field's name index.
+    pub(crate) fn encode_field(
+        &mut self,
+        name: Name<'_>,
+        value: &[u8],
+        owned: impl FnOnce() -> Header,
+        dst: &mut BytesMut,
+    ) {
+        if !name.skip_value_index() {
+            if let Some((idx, true)) = index_static_parts(&name, value) {
+                encode_int(idx, 7, 0x80, dst);
+                return;
+            }
+            // `Table::index` does not index large headers; neither may a lookup find them.
+            let len = 32 + name.as_slice().len() + value.len();
+            if len * 4 <= self.table.max_size() * 3 {
+                if let Some(idx) = self.table.find_indexed(&name, value) {
+                    encode_int(idx, 7, 0x80, dst);
+                    return;
+                }
+            }
+        }
+        let index = self.table.index(owned());
+        self.encode_header(&index, dst);
     }
 
     fn encode_size_updates(&mut self, dst: &mut BytesMut) {
@@ -193,6 +235,7 @@ impl Encoder {
         }
     }
 
+    #[cfg(any(test, fuzzing))]
     fn encode_header_without_name(
         &mut self,
         last: &Index,

@@ -41,6 +41,7 @@ pub fn len(name: &HeaderName, value: &HeaderValue) -> usize {
 }
 
 impl Header<Option<HeaderName>> {
+    #[cfg(any(test, fuzzing))] // grpcgate patch: only `Encoder::encode` uses it
     pub fn reify(self) -> Result<Header, HeaderValue> {
         use self::Header::*;
 
@@ -187,10 +188,18 @@ impl Header {
     }
 
     pub fn skip_value_index(&self) -> bool {
+        self.name().skip_value_index()
+    }
+}
+
+impl Name<'_> {
+    /// Whether a header of this name is never put in the dynamic table. (grpcgate patch: moved
+    /// here from `Header` so that the encoder can ask without an owned header.)
+    pub fn skip_value_index(&self) -> bool {
         use http::header;
 
         match *self {
-            Header::Field { ref name, .. } => matches!(
+            Name::Field(name) => matches!(
                 *name,
                 header::AGE
                     | header::AUTHORIZATION
@@ -202,7 +211,10 @@ impl Header {
                     | header::COOKIE
                     | header::SET_COOKIE
             ),
-            Header::Path(..) => true,
+            // grpcgate patch: `:path` is indexed like any other header (upstream h2 never indexes
+            // it). A gRPC path names a method, and a connection carries few of them, so after the
+            // first call the path costs one byte instead of a Huffman-coded literal on both ends.
+            // grpc-go (x/net hpack) and Netty index it too.
             _ => false,
         }
     }

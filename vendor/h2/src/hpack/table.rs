@@ -1,11 +1,10 @@
+use super::header::Name;
 use super::Header;
 
-use fnv::FnvHasher;
 use http::header;
-use http::method::Method;
 
 use std::collections::VecDeque;
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 use std::{cmp, mem};
 
 /// HPACK encoder table
@@ -118,6 +117,7 @@ impl Table {
         }
     }
 
+    #[cfg(any(test, fuzzing))] // grpcgate patch: only `Encoder::encode` uses it
     pub fn resolve_idx(&self, index: &Index) -> usize {
         use self::Index::*;
 
@@ -155,6 +155,42 @@ impl Table {
         }
 
         self.index_dynamic(header, statik)
+    }
+
+    /// grpcgate patch: the table index of a header already in the dynamic table, looked up by
+    /// reference and without changing the table; `None` when `index` would do anything else
+    /// (insert it, or encode it as a literal). The same probe as `index_dynamic` and
+    /// `index_occupied`, minus their side effects, so that the common case of a header block
+    /// whose fields are all in the table needs no owned `Header` per field.
+    pub fn find_indexed(&self, name: &Name<'_>, value: &[u8]) -> Option<usize> {
+        if self.indices.is_empty() {
+            return None;
+        }
+
+        let hash = hash_name(name);
+        let mut probe = desired_pos(self.mask, hash);
+        let mut dist = 0;
+
+        probe_loop!(probe < self.indices.len(), {
+            let pos = self.indices[probe]?;
+            if probe_distance(self.mask, pos.hash, probe) < dist {
+                return None;
+            }
+            let slot_idx = pos.index.wrapping_add(self.inserted);
+            if pos.hash == hash && self.slots[slot_idx].header.name() == *name {
+                let mut index = pos.index;
+                loop {
+                    let real_idx = index.wrapping_add(self.inserted);
+                    let slot = &self.slots[real_idx];
+                    if slot.header.value_slice() == value {
+                        return Some(real_idx + DYN_OFFSET);
+                    }
+                    index = slot.next?;
+                }
+            }
+
+            dist += 1;
+        });
     }
 
     fn index_dynamic(&mut self, header: Header, statik: Option<(usize, bool)>) -> Index {
@@ -660,24 +696,34 @@ fn probe_distance(mask: usize, hash: HashValue, current: usize) -> usize {
 }
 
 fn hash_header(header: &Header) -> HashValue {
+    hash_name(&header.name())
+}
+
+fn hash_name(name: &Name<'_>) -> HashValue {
     const MASK: u64 = (MAX_SIZE as u64) - 1;
 
-    let mut h = FnvHasher::default();
-    header.name().hash(&mut h);
-    HashValue((h.finish() & MASK) as usize)
+    // grpcgate patch: foldhash instead of FNV, which hashes byte by byte: ~100 instructions for a
+    // name like `grpc-status` (FNV also ran over the 8-byte enum discriminants). A fixed seed is
+    // enough: the table holds what fits in the peer's SETTINGS_HEADER_TABLE_SIZE (4 KiB by
+    // default), so collisions can cost only a few probes.
+    let h = foldhash::fast::FixedState::with_seed(0x9e37_79b9_7f4a_7c15).hash_one(name);
+    HashValue((h & MASK) as usize)
 }
 
 /// Checks the static table for the header. If found, returns the index and a
 /// boolean representing if the value matched as well.
 fn index_static(header: &Header) -> Option<(usize, bool)> {
-    match *header {
-        Header::Field {
-            ref name,
-            ref value,
-        } => match *name {
+    index_static_parts(&header.name(), header.value_slice())
+}
+
+/// `index_static` for a header given by name and value. (grpcgate patch: split out so that the
+/// encoder can look a header up by reference, see `Table::find_indexed`.)
+pub(crate) fn index_static_parts(name: &Name<'_>, value: &[u8]) -> Option<(usize, bool)> {
+    match *name {
+        Name::Field(name) => match *name {
             header::ACCEPT_CHARSET => Some((15, false)),
             header::ACCEPT_ENCODING => {
-                if value == "gzip, deflate" {
+                if value == b"gzip, deflate" {
                     Some((16, true))
                 } else {
                     Some((16, false))
@@ -730,31 +776,31 @@ fn index_static(header: &Header) -> Option<(usize, bool)> {
             header::WWW_AUTHENTICATE => Some((61, false)),
             _ => None,
         },
-        Header::Authority(_) => Some((1, false)),
-        Header::Method(ref v) => match *v {
-            Method::GET => Some((2, true)),
-            Method::POST => Some((3, true)),
+        Name::Authority => Some((1, false)),
+        Name::Method => match value {
+            b"GET" => Some((2, true)),
+            b"POST" => Some((3, true)),
             _ => Some((2, false)),
         },
-        Header::Scheme(ref v) => match &**v {
-            "http" => Some((6, true)),
-            "https" => Some((7, true)),
+        Name::Scheme => match value {
+            b"http" => Some((6, true)),
+            b"https" => Some((7, true)),
             _ => Some((6, false)),
         },
-        Header::Path(ref v) => match &**v {
-            "/" => Some((4, true)),
-            "/index.html" => Some((5, true)),
+        Name::Path => match value {
+            b"/" => Some((4, true)),
+            b"/index.html" => Some((5, true)),
             _ => Some((4, false)),
         },
-        Header::Protocol(..) => None,
-        Header::Status(ref v) => match u16::from(*v) {
-            200 => Some((8, true)),
-            204 => Some((9, true)),
-            206 => Some((10, true)),
-            304 => Some((11, true)),
-            400 => Some((12, true)),
-            404 => Some((13, true)),
-            500 => Some((14, true)),
+        Name::Protocol => None,
+        Name::Status => match value {
+            b"200" => Some((8, true)),
+            b"204" => Some((9, true)),
+            b"206" => Some((10, true)),
+            b"304" => Some((11, true)),
+            b"400" => Some((12, true)),
+            b"404" => Some((13, true)),
+            b"500" => Some((14, true)),
             _ => Some((8, false)),
         },
     }
