@@ -167,12 +167,14 @@ fn forward<'a>(
         let (mut down_send, mut up_body) = {
             // Phase 1: wait for the upstream response headers. `biased`, deadline first: the upstream got the
             // same deadline and may answer "timed out" at the same moment, but the client must see ours.
+            // The response before the client's reset: when it is ready the reset need not be polled (a
+            // mutex round trip in h2), and if both are, sending the response fails and ends as CANCELLED.
             let response = loop {
                 tokio::select! {
                     biased;
                     _ = &mut deadline_sleep, if deadline.is_some() => break None,
-                    _ = poll_fn(|cx| respond.poll_reset(cx)) => return (Some(idx), Code::Cancelled),
                     r = &mut resp_fut => break Some(r),
+                    _ = poll_fn(|cx| respond.poll_reset(cx)) => return (Some(idx), Code::Cancelled),
                     r = &mut req_pump, if !req_done => {
                         req_done = true;
                         if let Err(PumpError::Src(_)) = r {
@@ -452,9 +454,23 @@ impl Future for Pump<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
-        if let Poll::Ready(r) = this.dst.poll_reset(cx) {
-            return Poll::Ready(Err(PumpError::Dst(r.err())));
+        match this.pump(cx) {
+            // Only while waiting does a reset of the destination need watching (it ends the pump
+            // early); a frame sent to a reset stream fails on its own. Checked here, not on every
+            // poll: each check is a round trip through h2's stream lock, and a unary call's pumps
+            // usually finish without ever waiting.
+            Poll::Pending => match this.dst.poll_reset(cx) {
+                Poll::Ready(r) => Poll::Ready(Err(PumpError::Dst(r.err()))),
+                Poll::Pending => Poll::Pending,
+            },
+            done => done,
         }
+    }
+}
+
+impl Pump<'_> {
+    fn pump(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Code>, PumpError>> {
+        let this = self;
         loop {
             match this.state {
                 PumpState::Data => {

@@ -197,7 +197,10 @@ async fn raw_upstream() -> RawUpstream {
                 };
                 let mut streams = tokio::task::JoinSet::new();
                 while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    let _ = seen_tx.send(req.headers().clone());
+                    let mut seen = req.headers().clone();
+                    let path = HeaderValue::from_str(req.uri().path()).unwrap();
+                    seen.insert("x-seen-path", path);
+                    let _ = seen_tx.send(seen);
                     let behave = req
                         .headers()
                         .get("x-behave")
@@ -1150,6 +1153,36 @@ async fn client_reset_of_open_request_stream_resets_upstream() {
         }
     }
     wait_settled(&gw, &[("CANCELLED", 4)]).await;
+}
+
+/// Header blocks stay exact while the HPACK dynamic table of the pooled upstream connection churns:
+/// 300 calls over 60 paths (grpcgate's h2 indexes `:path`) and 90 values of a custom header, far
+/// more than the 4 KiB table holds, so entries are found, inserted and evicted all along. Each call
+/// is checked where the upstream decoded it.
+#[tokio::test]
+async fn headers_survive_hpack_table_churn() {
+    let mut up = raw_upstream().await;
+    let gw = start(&config_with(&[up.addr], "")).await;
+    let edge = gw.listener_addr("edge").unwrap();
+    for i in 0..300 {
+        let path = format!("/churn.Service{}/MethodWithALongishName{}", i % 60, i % 7);
+        let value = format!("value-{}", i % 90);
+        let headers: &[(&str, &[u8])] =
+            &[("x-behave", b"no-status"), ("x-churn", value.as_bytes())];
+        let (resp, mut send) = bounded(raw_open(edge, &path, headers)).await;
+        send.send_data(grpc_frame(&msg(b"ping")), true).unwrap();
+        let seen = bounded(up.seen.recv()).await.unwrap();
+        assert_eq!(seen.get("x-seen-path").unwrap(), path.as_str(), "call {i}");
+        assert_eq!(seen.get("x-churn").unwrap(), value.as_str(), "call {i}");
+        assert_eq!(
+            seen.get("content-type").unwrap(),
+            "application/grpc",
+            "call {i}"
+        );
+        assert_eq!(seen.get("te").unwrap(), "trailers", "call {i}");
+        let resp = bounded(resp).await.unwrap();
+        assert_eq!(resp.status(), 200, "call {i}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------

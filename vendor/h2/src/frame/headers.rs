@@ -934,12 +934,13 @@ impl HeaderBlock {
                     // Connection level header fields are not supported and must
                     // result in a protocol error.
 
-                    if name == header::CONNECTION
-                        || name == header::TRANSFER_ENCODING
-                        || name == header::UPGRADE
-                        || name == "keep-alive"
-                        || name == "proxy-connection"
-                    {
+                    // grpcgate patch: one match on the name instead of five comparisons (two of
+                    // them case-insensitive, against names h2 already knows are lower case).
+                    let connection_level = matches!(
+                        name.as_str(),
+                        "connection" | "transfer-encoding" | "upgrade" | "keep-alive" | "proxy-connection"
+                    );
+                    if connection_level {
                         tracing::trace!("load_hpack; connection level header");
                         malformed = true;
                     } else if name == header::TE && value != "trailers" {
