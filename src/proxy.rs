@@ -216,7 +216,12 @@ fn forward<'a>(
             }
             let trailers_only = up_body.is_end_stream();
             let mut head = head;
-            let header_code = head.headers.get(&GRPC_STATUS).map(Code::from_header);
+            // grpc-status in the headers counts only in a trailers-only response.
+            let header_code = if trailers_only {
+                head.headers.get(&GRPC_STATUS).map(Code::from_header)
+            } else {
+                None
+            };
             // A 200 that is not gRPC (an HTML error page, a misrouted HTTP server). A trailers-only answer
             // with a grpc-status is gRPC even if the server left out the content-type.
             let is_grpc = grpc::is_grpc_content_type(head.headers.get(CONTENT_TYPE))
@@ -538,19 +543,22 @@ impl Pump<'_> {
                         Ok(t) => t,
                         Err(e) => return Poll::Ready(Err(PumpError::Src(e))),
                     };
-                    if let Some(endpoint) = this.status_from {
+                    // One lookup of grpc-status (a custom header name: hashed byte by byte).
+                    let mut code = trailers
+                        .as_ref()
+                        .and_then(|t| t.get(&GRPC_STATUS))
+                        .map(Code::from_header);
+                    if let (Some(endpoint), None) = (this.status_from, code) {
+                        let status = missing_status(endpoint);
+                        code = Some(status.code);
                         match &mut trailers {
-                            Some(t) if t.contains_key(&GRPC_STATUS) => {}
-                            Some(t) => missing_status(endpoint).write_to(t),
-                            None => trailers = Some(missing_status(endpoint).to_trailers()),
+                            Some(t) => status.write_to(t),
+                            None => trailers = Some(status.to_trailers()),
                         }
                     }
                     this.state = PumpState::Done;
                     let result = match trailers {
-                        Some(t) => {
-                            let code = t.get(&GRPC_STATUS).map(Code::from_header);
-                            this.dst.send_trailers(t).map(|()| code)
-                        }
+                        Some(t) => this.dst.send_trailers(t).map(|()| code),
                         None => this.dst.send_data(Bytes::new(), true).map(|()| None),
                     };
                     return Poll::Ready(result.map_err(|e| PumpError::Dst(Some(e))));

@@ -1642,6 +1642,7 @@ impl Peer {
         request: Request<()>,
         protocol: Option<Protocol>,
         end_of_stream: bool,
+        cache: &mut crate::frame::PseudoCache,
     ) -> Result<Headers, SendError> {
         use http::request::Parts;
 
@@ -1660,7 +1661,7 @@ impl Peer {
 
         // Build the set pseudo header set. All requests will include `method`
         // and `path`.
-        let mut pseudo = Pseudo::request(method, uri, protocol);
+        let mut pseudo = Pseudo::request_cached(method, uri, protocol, cache);
 
         if pseudo.scheme.is_none() {
             // If the scheme is not set, then there are a two options.
@@ -1721,27 +1722,20 @@ impl proto::Peer for Peer {
         fields: HeaderMap,
         stream_id: StreamId,
     ) -> Result<Self::Poll, Error> {
-        let mut b = Response::builder();
+        // grpcgate patch: built in place, not with `Response::builder()` (see the server's
+        // `convert_poll_message`); with a `StatusCode` in hand the builder could not fail.
+        let mut response = Response::new(());
 
-        b = b.version(Version::HTTP_2);
+        *response.version_mut() = Version::HTTP_2;
 
         if let Some(status) = pseudo.status {
-            b = b.status(status);
+            *response.status_mut() = status;
         } else {
             // Every response must include :status (RFC 9113, section 8.3.2).
             // https://www.rfc-editor.org/rfc/rfc9113.html#section-8.3.2
             proto_err!(stream: "missing :status; stream={:?}", stream_id);
             return Err(Error::library_reset(stream_id, Reason::PROTOCOL_ERROR));
         }
-
-        let mut response = match b.body(()) {
-            Ok(response) => response,
-            Err(_) => {
-                // TODO: Should there be more specialized handling for different
-                // kinds of errors
-                return Err(Error::library_reset(stream_id, Reason::PROTOCOL_ERROR));
-            }
-        };
 
         *response.headers_mut() = fields;
 

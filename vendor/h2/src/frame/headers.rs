@@ -83,7 +83,7 @@ pub struct Pseudo {
     pub status: Option<StatusCode>,
 }
 
-#[cfg(any(test, fuzzing))] // grpcgate patch: `into_encoding` no longer uses it
+#[cfg(any(test, fuzzing))] // grpcgate patch: `to_encoding` no longer uses it
 #[derive(Debug)]
 pub struct Iter {
     /// Pseudo headers
@@ -293,8 +293,9 @@ impl Headers {
         // Get the HEADERS frame head
         let head = self.head();
 
+        // grpcgate patch: encoded from the boxed block in place, not moved out of it (272 bytes).
         self.header_block
-            .into_encoding(encoder)
+            .to_encoding(encoder)
             .encode(&head, dst, Some(encoder), |_| {})
     }
 
@@ -514,8 +515,9 @@ impl PushPromise {
         let head = self.head();
         let promised_id = self.promised_id;
 
+        // grpcgate patch: encoded from the boxed block in place, not moved out of it (272 bytes).
         self.header_block
-            .into_encoding(encoder)
+            .to_encoding(encoder)
             .encode(&head, dst, Some(encoder), |dst| {
                 dst.put_u32(promised_id.into());
             })
@@ -566,8 +568,42 @@ impl Continuation {
 
 // ===== impl Pseudo =====
 
+/// grpcgate patch: the last `:path` and `:authority` a client connection sent, so that a request
+/// repeating them shares their bytes instead of copying them out of its `Uri` (`http` gives no
+/// access to a `Uri`'s own `Bytes`): two allocations and copies per request saved on a connection
+/// that calls the same method of the same authority over and over, as a proxy's upstream
+/// connection does. A different value costs a comparison and replaces the entry.
+#[derive(Debug, Default)]
+pub(crate) struct PseudoCache {
+    path: Option<BytesStr>,
+    authority: Option<BytesStr>,
+}
+
+impl PseudoCache {
+    fn get(slot: &mut Option<BytesStr>, value: &str) -> BytesStr {
+        match slot {
+            Some(cached) if cached.as_str() == value => cached.clone(),
+            _ => {
+                let fresh = BytesStr::from(value);
+                *slot = Some(fresh.clone());
+                fresh
+            }
+        }
+    }
+}
+
 impl Pseudo {
     pub fn request(method: Method, uri: Uri, protocol: Option<Protocol>) -> Self {
+        Self::request_cached(method, uri, protocol, &mut PseudoCache::default())
+    }
+
+    /// `request`, taking `:path` and `:authority` from `cache` when they repeat (grpcgate patch).
+    pub(crate) fn request_cached(
+        method: Method,
+        uri: Uri,
+        protocol: Option<Protocol>,
+        cache: &mut PseudoCache,
+    ) -> Self {
         let parts = uri::Parts::from(uri);
 
         let (scheme, path) = if method == Method::CONNECT && protocol.is_none() {
@@ -575,7 +611,7 @@ impl Pseudo {
         } else {
             let path = parts
                 .path_and_query
-                .map(|v| BytesStr::from(v.as_str()))
+                .map(|v| PseudoCache::get(&mut cache.path, v.as_str()))
                 .unwrap_or(BytesStr::from_static(""));
 
             let path = if !path.is_empty() {
@@ -606,7 +642,7 @@ impl Pseudo {
         // If the URI includes an authority component, add it to the pseudo
         // headers
         if let Some(authority) = parts.authority {
-            pseudo.set_authority(BytesStr::from(authority.as_str()));
+            pseudo.set_authority(PseudoCache::get(&mut cache.authority, authority.as_str()));
         }
 
         pseudo
@@ -1000,7 +1036,7 @@ impl HeaderBlock {
         Ok(())
     }
 
-    fn into_encoding(self, encoder: &mut hpack::Encoder) -> EncodingHeaderBlock {
+    fn to_encoding(&self, encoder: &mut hpack::Encoder) -> EncodingHeaderBlock {
         use crate::hpack::header::Name;
 
         let mut hpack = encoder.take_scratch();

@@ -62,9 +62,10 @@ impl Dyn {
         pseudo: Pseudo,
         fields: HeaderMap,
         stream_id: StreamId,
+        uri_cache: &mut crate::server::UriCache,
     ) -> Result<PollMessage, Error> {
         if self.is_server() {
-            crate::server::Peer::convert_poll_message(pseudo, fields, stream_id)
+            crate::server::Peer::convert_request(pseudo, fields, stream_id, uri_cache)
                 .map(PollMessage::Server)
         } else {
             crate::client::Peer::convert_poll_message(pseudo, fields, stream_id)

@@ -56,6 +56,9 @@ pub(super) struct Recv {
 
     /// If extended connect protocol is enabled.
     is_extended_connect_protocol_enabled: bool,
+
+    /// grpcgate patch: see `server::UriCache`.
+    uri_cache: crate::server::UriCache,
 }
 
 #[derive(Debug)]
@@ -110,6 +113,7 @@ impl Recv {
             buffer: Buffer::new(),
             is_push_enabled: config.local_push_enabled,
             is_extended_connect_protocol_enabled: config.extended_connect_protocol_enabled,
+            uri_cache: Default::default(),
         }
     }
 
@@ -257,7 +261,7 @@ impl Recv {
         if !pseudo.is_informational() {
             let message = counts
                 .peer()
-                .convert_poll_message(pseudo, fields, stream_id)?;
+                .convert_poll_message(pseudo, fields, stream_id, &mut self.uri_cache)?;
 
             // Push the frame onto the stream's recv buffer
             stream
@@ -277,7 +281,7 @@ impl Recv {
             // Convert to response and store it for polling
             let message = counts
                 .peer()
-                .convert_poll_message(pseudo, fields, stream_id)?;
+                .convert_poll_message(pseudo, fields, stream_id, &mut self.uri_cache)?;
 
             tracing::trace!("Received informational response: stream_id={:?}", stream_id);
 

@@ -88,6 +88,9 @@ struct Inner {
 
     /// The number of stream refs to this shared state.
     refs: usize,
+
+    /// grpcgate patch: see `frame::PseudoCache`.
+    pseudo_cache: frame::PseudoCache,
 }
 
 #[derive(Debug)]
@@ -321,7 +324,13 @@ where
 
         // Convert the message
         let headers =
-            client::Peer::convert_send_message(stream_id, request, protocol, end_of_stream)?;
+            client::Peer::convert_send_message(
+                stream_id,
+                request,
+                protocol,
+                end_of_stream,
+                &mut me.pseudo_cache,
+            )?;
 
         let mut stream = me.store.insert(stream.id, stream);
 
@@ -464,6 +473,7 @@ impl Inner {
             },
             store: Store::new(),
             refs: 1,
+            pseudo_cache: frame::PseudoCache::default(),
         }))
     }
 
