@@ -120,7 +120,7 @@ impl Gateway {
                 addr: l.local_addr,
                 reload: l.reloader(),
             });
-            tokio::spawn(l.serve(workers.clone(), shutdown.clone(), connections.clone()));
+            workers.spawn(l.serve(workers.spawner(), shutdown.clone(), connections.clone()));
         }
         Ok(Gateway {
             shared,

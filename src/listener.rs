@@ -1,8 +1,8 @@
 //! Downstream side: the accept loop, TLS termination (rustls, ALPN `h2`, optional mTLS), the HTTP/2
 //! server connection, and graceful drain (GOAWAY, then wait for in-flight streams).
 //!
-//! The accept loop runs on the control runtime and hands each connection to a worker thread
-//! ([`crate::worker`]); there the connection runs in its own task and each stream it accepts runs
+//! The accept loop runs on a worker thread ([`crate::worker`]) and gives each connection to the next
+//! worker, itself included; there the connection runs in its own task and each stream it accepts runs
 //! [`proxy::serve_stream`] in a task of its own. A connection that is not HTTP/2 (an HTTP/1.1 client, a failed TLS handshake) gets a clear
 //! answer or alert, is logged with the reason and closed, and touches nothing else.
 
@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{ListenerConfig, TlsConfig};
 use crate::proxy;
 use crate::router::Router;
-use crate::worker::Workers;
+use crate::worker::{self, Spawner};
 
 /// The HTTP/2 connection preface every h2 client sends first (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -70,7 +70,8 @@ pub fn server_tls_config(tls: &TlsConfig) -> Result<rustls::ServerConfig, String
 /// benchmark, which clients see as resets.
 const BACKLOG: u32 = 8192;
 
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+/// Binds and listens; the socket is registered with a reactor only where its accept loop runs.
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -78,14 +79,14 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
-    socket.listen(BACKLOG)
+    socket.listen(BACKLOG)?.into_std()
 }
 
 /// A bound listener, ready to serve.
 pub struct Listener {
     pub name: String,
     pub local_addr: SocketAddr,
-    tcp: TcpListener,
+    tcp: std::net::TcpListener,
     handler: Arc<ConnectionHandler>,
 }
 
@@ -156,16 +157,19 @@ impl Listener {
     }
 
     /// Accepts connections until `shutdown` fires; connection tasks go on `tracker` so the caller can
-    /// wait for them to drain.
-    pub async fn serve(
-        self,
-        workers: Arc<Workers>,
-        shutdown: CancellationToken,
-        tracker: TaskTracker,
-    ) {
+    /// wait for them to drain. Runs on a worker: a connection that stays on this worker is served
+    /// where it was accepted, with no hop between threads and no move between reactors.
+    pub async fn serve(self, workers: Spawner, shutdown: CancellationToken, tracker: TaskTracker) {
         let Listener {
             name, tcp, handler, ..
         } = self;
+        let tcp = match TcpListener::from_std(tcp) {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::error!(listener = %name, error = %e, "cannot register the listening socket");
+                return;
+            }
+        };
         loop {
             let accepted = tokio::select! {
                 // Shutdown first: once the drain started, no new connection may slip through.
@@ -183,7 +187,15 @@ impl Listener {
                 }
             };
             let _ = tcp.set_nodelay(true);
-            // Move the socket to a worker's reactor: the connection and all of its calls run there.
+            let conn = handler.clone();
+            let shutdown = shutdown.clone();
+            // Tracked now, not when a worker first polls it, so a drain that starts in between waits.
+            let target = workers.next_worker();
+            if target == worker::current() {
+                tokio::spawn(tracker.track_future(conn.run(tcp, peer, shutdown)));
+                continue;
+            }
+            // Move the socket to the other worker's reactor: the connection and its calls run there.
             let tcp = match tcp.into_std() {
                 Ok(tcp) => tcp,
                 Err(e) => {
@@ -191,32 +203,15 @@ impl Listener {
                     continue;
                 }
             };
-            let conn = handler.clone();
-            let shutdown = shutdown.clone();
-            // Tracked now, not when the worker first polls it, so a drain that starts in between waits.
             let task = tracker.track_future(async move {
-                let tcp = match TcpStream::from_std(tcp) {
-                    Ok(tcp) => tcp,
+                match TcpStream::from_std(tcp) {
+                    Ok(tcp) => conn.run(tcp, peer, shutdown).await,
                     Err(e) => {
                         tracing::warn!(listener = %conn.name, %peer, error = %e, "could not register the connection");
-                        return;
-                    }
-                };
-                conn.connections.inc();
-                match conn.serve_connection(tcp, peer, shutdown).await {
-                    Ok(()) => {}
-                    // A client going away mid-connection is routine: one line each would flood the log
-                    // under churn. Handshake failures and non-HTTP/2 clients are worth an operator's eye.
-                    Err(reason) if reason.starts_with("connection error") => {
-                        tracing::debug!(listener = %conn.name, %peer, %reason, "connection closed")
-                    }
-                    Err(reason) => {
-                        tracing::info!(listener = %conn.name, %peer, %reason, "connection closed")
                     }
                 }
-                conn.connections.dec();
             });
-            workers.spawn(task);
+            workers.spawn_on(target, task);
         }
         // Close the socket now, so new clients are refused during the drain instead of queueing.
         drop(tcp);
@@ -225,6 +220,23 @@ impl Listener {
 }
 
 impl ConnectionHandler {
+    /// Serves one accepted connection to its end, counted in the listener's connection gauge.
+    async fn run(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
+        self.connections.inc();
+        match self.serve_connection(tcp, peer, shutdown).await {
+            Ok(()) => {}
+            // A client going away mid-connection is routine: one line each would flood the log under
+            // churn. Handshake failures and non-HTTP/2 clients are worth an operator's eye.
+            Err(reason) if reason.starts_with("connection error") => {
+                tracing::debug!(listener = %self.name, %peer, %reason, "connection closed")
+            }
+            Err(reason) => {
+                tracing::info!(listener = %self.name, %peer, %reason, "connection closed")
+            }
+        }
+        self.connections.dec();
+    }
+
     async fn serve_connection(
         &self,
         tcp: TcpStream,

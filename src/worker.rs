@@ -9,15 +9,17 @@
 //! benchmark's unary load that cut write syscalls from ~1.5 to ~0.2 per call and CPU per call by a
 //! quarter. A worker also needs no atomics to schedule its own tasks.
 //!
-//! Each accepted connection is handed to one worker (round-robin) and stays there with all of its
-//! calls; upstream connections belong to the worker that opened them (see [`current`] and
-//! `upstream::Pool`), so a call never crosses threads. The control plane (accept loops, admin, health
-//! checks, signals, reloads) stays on the runtime that started the gateway.
+//! Each listener's accept loop runs on a worker too. An accepted connection goes to the next worker
+//! (round-robin) and stays there with all of its calls; when that is the accepting worker itself (always,
+//! with one worker) the socket never leaves its reactor. Upstream connections belong to the worker that
+//! opened them (see [`current`] and `upstream::Pool`), so a call never crosses threads. The control
+//! plane (admin, health checks, signals, reloads) stays on the runtime that started the gateway.
 
 use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
@@ -46,10 +48,30 @@ async fn spin() {
 
 /// A set of worker threads; dropping it stops them (tasks still running on them are dropped).
 pub struct Workers {
-    handles: Vec<Handle>,
-    next: AtomicUsize,
+    spawner: Spawner,
     /// Dropping a sender ends its worker's `block_on`.
     _stop: Vec<oneshot::Sender<()>>,
+}
+
+/// Spawns onto the workers, round-robin. Unlike [`Workers`] it does not keep them running, so a task
+/// on a worker (an accept loop) may hold one: dropping the `Workers` still stops every thread.
+#[derive(Clone)]
+pub struct Spawner {
+    handles: Arc<[Handle]>,
+    next: Arc<AtomicUsize>,
+}
+
+impl Spawner {
+    /// The worker the next connection goes to.
+    pub fn next_worker(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len()
+    }
+
+    /// Runs `task` on worker `index`. Futures do nothing until polled, so whatever the task registers
+    /// with the reactor (a socket from `TcpStream::from_std`) belongs to that worker.
+    pub fn spawn_on(&self, index: usize, task: impl Future<Output = ()> + Send + 'static) {
+        self.handles[index].spawn(task);
+    }
 }
 
 impl Workers {
@@ -88,26 +110,32 @@ impl Workers {
                 })?;
         }
         Ok(Workers {
-            handles,
-            next: AtomicUsize::new(0),
+            spawner: Spawner {
+                handles: handles.into(),
+                next: Arc::new(AtomicUsize::new(0)),
+            },
             _stop: stop,
         })
     }
 
     /// How many workers run.
     pub fn len(&self) -> usize {
-        self.handles.len()
+        self.spawner.handles.len()
     }
 
     /// Always false: there is at least one worker.
     pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
+        self.spawner.handles.is_empty()
     }
 
-    /// Runs `task` on the next worker (round-robin). Futures do nothing until polled, so whatever the
-    /// task registers with the reactor (a socket from `TcpStream::from_std`) belongs to that worker.
+    /// Runs `task` on the next worker (round-robin); see [`Spawner::spawn_on`].
     pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
-        self.handles[i].spawn(task);
+        let s = &self.spawner;
+        s.spawn_on(s.next_worker(), task);
+    }
+
+    /// A spawner for tasks that run on the workers themselves.
+    pub fn spawner(&self) -> Spawner {
+        self.spawner.clone()
     }
 }
