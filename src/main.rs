@@ -65,8 +65,9 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     raise_fd_limit();
-    // The control plane (accept loops, admin, health checks, signals) needs one thread; the data plane
-    // runs on the gateway's worker threads, each with a runtime of its own (see `grpcgate::worker`).
+    // The control plane (admin, health checks, signals, reloads) needs one thread; the data plane,
+    // accept loops included, runs on the gateway's worker threads, each with a runtime of its own
+    // (see `grpcgate::worker`).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
