@@ -475,25 +475,24 @@ impl Future for Pump<'_> {
 
 impl Pump<'_> {
     fn pump(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Code>, PumpError>> {
-        let this = self;
         loop {
-            match this.state {
+            match self.state {
                 PumpState::Data => {
-                    if let Some((chunk, credit)) = &mut this.pending {
-                        let mut cap = this.dst.capacity();
-                        if cap == 0 && !this.sent_unreserved {
+                    if let Some((chunk, credit)) = &mut self.pending {
+                        let mut cap = self.dst.capacity();
+                        if cap == 0 && !self.sent_unreserved {
                             // The stream's first frame (nothing was reserved before it, so capacity is
                             // 0) goes to h2 whole, without the reserve and poll-capacity round trip
                             // through its locks: most gRPC calls are one message each way. h2 holds
                             // it until the window allows and counts it against any later reservation,
                             // so at most this one frame (≤ the 16 KiB max frame size we advertise) is
                             // buffered beyond the end-to-end window.
-                            this.sent_unreserved = true;
+                            self.sent_unreserved = true;
                             cap = chunk.len();
                         } else if cap == 0 {
-                            this.dst.reserve_capacity(chunk.len());
-                            match ready!(this.dst.poll_capacity(cx)) {
-                                Some(Ok(_)) => cap = this.dst.capacity(),
+                            self.dst.reserve_capacity(chunk.len());
+                            match ready!(self.dst.poll_capacity(cx)) {
+                                Some(Ok(_)) => cap = self.dst.capacity(),
                                 Some(Err(e)) => return Poll::Ready(Err(PumpError::Dst(Some(e)))),
                                 None => return Poll::Ready(Err(PumpError::Dst(None))),
                             }
@@ -506,40 +505,40 @@ impl Pump<'_> {
                         // end ours with it too rather than with a separate empty DATA frame, which
                         // doubles the frames and trips peers' small-frame flood limits.
                         let last = chunk.is_empty()
-                            && this.status_from.is_none()
-                            && this.src.is_end_stream();
-                        if let Err(e) = this.dst.send_data(part, last) {
+                            && self.status_from.is_none()
+                            && self.src.is_end_stream();
+                        if let Err(e) = self.dst.send_data(part, last) {
                             return Poll::Ready(Err(PumpError::Dst(Some(e))));
                         }
                         if chunk.is_empty() {
                             // Connection-level credit must come back even for a stream's last frame.
                             let credit = *credit;
-                            this.pending = None;
-                            let _ = this.src.flow_control().release_capacity(credit);
+                            self.pending = None;
+                            let _ = self.src.flow_control().release_capacity(credit);
                             if last {
-                                this.state = PumpState::Done;
+                                self.state = PumpState::Done;
                                 return Poll::Ready(Ok(None));
                             }
                         } else {
-                            this.dst.reserve_capacity(chunk.len());
+                            self.dst.reserve_capacity(chunk.len());
                         }
                         continue;
                     }
-                    match ready!(this.src.poll_data(cx)) {
+                    match ready!(self.src.poll_data(cx)) {
                         Some(Ok(chunk)) => {
                             let len = chunk.len();
                             if len == 0 {
                                 continue;
                             }
-                            this.dst.reserve_capacity(len);
-                            this.pending = Some((chunk, len));
+                            self.dst.reserve_capacity(len);
+                            self.pending = Some((chunk, len));
                         }
                         Some(Err(e)) => return Poll::Ready(Err(PumpError::Src(e))),
-                        None => this.state = PumpState::Trailers,
+                        None => self.state = PumpState::Trailers,
                     }
                 }
                 PumpState::Trailers => {
-                    let mut trailers = match ready!(this.src.poll_trailers(cx)) {
+                    let mut trailers = match ready!(self.src.poll_trailers(cx)) {
                         Ok(t) => t,
                         Err(e) => return Poll::Ready(Err(PumpError::Src(e))),
                     };
@@ -548,7 +547,7 @@ impl Pump<'_> {
                         .as_ref()
                         .and_then(|t| t.get(&GRPC_STATUS))
                         .map(Code::from_header);
-                    if let (Some(endpoint), None) = (this.status_from, code) {
+                    if let (Some(endpoint), None) = (self.status_from, code) {
                         let status = missing_status(endpoint);
                         code = Some(status.code);
                         match &mut trailers {
@@ -556,10 +555,10 @@ impl Pump<'_> {
                             None => trailers = Some(status.to_trailers()),
                         }
                     }
-                    this.state = PumpState::Done;
+                    self.state = PumpState::Done;
                     let result = match trailers {
-                        Some(t) => this.dst.send_trailers(t).map(|()| code),
-                        None => this.dst.send_data(Bytes::new(), true).map(|()| None),
+                        Some(t) => self.dst.send_trailers(t).map(|()| code),
+                        None => self.dst.send_data(Bytes::new(), true).map(|()| None),
                     };
                     return Poll::Ready(result.map_err(|e| PumpError::Dst(Some(e))));
                 }
