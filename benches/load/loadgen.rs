@@ -15,6 +15,11 @@
 //!   connection (`--proxy-pid` required).
 //! * `report`: turns the JSON lines of a run into `results.md` / `results.json` and prints the
 //!   grpcgate/best-peer ratios and the issue-7 targets.
+//! * `cert`: writes a test CA and a `localhost` / 127.0.0.1 server certificate into `--cert-dir`
+//!   (`ca.crt`, `server.crt`, `server.key`), for a TLS listener under load (the PGO training run).
+//!
+//! With `--tls-ca FILE` every connection is TLS (ALPN h2, server name `localhost`) verified against
+//! that CA instead of h2c.
 //!
 //! With `--proxy-pid` (repeatable; each pid's descendants are included, e.g. NGINX workers) the run also
 //! reports the proxy's CPU seconds (utime+stime from /proc/<pid>/stat, sampled at the start and the end of
@@ -25,7 +30,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::poll_fn;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
@@ -53,6 +58,7 @@ enum Scenario {
     Streams10k,
     Idle,
     Report,
+    Cert,
 }
 
 impl Scenario {
@@ -65,6 +71,7 @@ impl Scenario {
             Scenario::Streams10k => "streams10k",
             Scenario::Idle => "idle",
             Scenario::Report => "report",
+            Scenario::Cert => "cert",
         }
     }
 }
@@ -145,12 +152,30 @@ struct Args {
     /// Report: notes to print under the tables (repeatable).
     #[arg(long)]
     note: Vec<String>,
+    /// Connect with TLS, trusting this CA certificate (PEM); the server must present `localhost`.
+    #[arg(long)]
+    tls_ca: Option<String>,
+    /// cert: the directory to write `ca.crt`, `server.crt` and `server.key` into.
+    #[arg(long)]
+    cert_dir: Option<String>,
 }
 
 fn main() {
     let args = Args::parse();
+    if let Some(ca) = &args.tls_ca {
+        match tls_connector(ca) {
+            Ok(c) => {
+                let _ = TLS.set(c);
+            }
+            Err(e) => {
+                eprintln!("loadgen: --tls-ca {ca}: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
     let result = match args.scenario {
         Scenario::Report => report(&args),
+        Scenario::Cert => write_cert(&args),
         Scenario::Idle => run_idle(&args).map(|v| println!("{v}")),
         _ => run_load(&args).map(|v| println!("{v}")),
     };
@@ -247,7 +272,8 @@ struct CallSpec {
 }
 
 fn make_uri(addr: SocketAddr, path: &str) -> Uri {
-    format!("http://{addr}{path}").parse().expect("uri")
+    let scheme = if TLS.get().is_some() { "https" } else { "http" };
+    format!("{scheme}://{addr}{path}").parse().expect("uri")
 }
 
 /// One gRPC call: headers + one DATA frame (end of stream), then the response to its trailers.
@@ -320,7 +346,48 @@ async fn call(
     }
 }
 
-/// Connects and handshakes; the connection is driven by a local task whose handle is returned.
+/// The TLS client config when `--tls-ca` is given (set once in `main`).
+static TLS: OnceLock<tokio_rustls::TlsConnector> = OnceLock::new();
+
+/// A TLS connector that offers ALPN h2 and trusts only the CA in `ca_file`.
+fn tls_connector(ca_file: &str) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    let pem = std::fs::read(ca_file).context("read")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(cert.context("parse PEM")?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// `cert`: a CA and a server certificate for `localhost` and 127.0.0.1, as PEM files.
+fn write_cert(args: &Args) -> anyhow::Result<()> {
+    let dir = std::path::Path::new(args.cert_dir.as_deref().context("cert needs --cert-dir")?);
+    std::fs::create_dir_all(dir)?;
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "loadgen test CA");
+    let ca = ca_params.self_signed(&ca_key)?;
+    let key = rcgen::KeyPair::generate()?;
+    let cert =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?
+            .signed_by(&key, &ca, &ca_key)?;
+    std::fs::write(dir.join("ca.crt"), ca.pem())?;
+    std::fs::write(dir.join("server.crt"), cert.pem())?;
+    std::fs::write(dir.join("server.key"), key.serialize_pem())?;
+    Ok(())
+}
+
+/// Connects and handshakes (TLS first with `--tls-ca`); the connection is driven by a local task whose
+/// handle is returned.
 async fn connect(
     addr: SocketAddr,
 ) -> Result<(SendRequest<Bytes>, tokio::task::JoinHandle<()>), String> {
@@ -328,11 +395,31 @@ async fn connect(
         .await
         .map_err(|e| format!("connect {addr}: {e}"))?;
     let _ = tcp.set_nodelay(true);
+    match TLS.get() {
+        None => h2_handshake(tcp, addr).await,
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("server name");
+            let io = tls
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS {addr}: {e}"))?;
+            h2_handshake(io, addr).await
+        }
+    }
+}
+
+async fn h2_handshake<T>(
+    io: T,
+    addr: SocketAddr,
+) -> Result<(SendRequest<Bytes>, tokio::task::JoinHandle<()>), String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
     let (send, conn) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
         .enable_push(false)
-        .handshake::<_, Bytes>(tcp)
+        .handshake::<_, Bytes>(io)
         .await
         .map_err(|e| format!("handshake {addr}: {e}"))?;
     let handle = tokio::task::spawn_local(async move {

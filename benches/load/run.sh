@@ -40,14 +40,20 @@ ROUNDS=${ROUNDS:-1}                # >1: every scenario runs this many times per
                                    # interleaved; each reported number is the median over the rounds
 MAX_OTHER=${MAX_OTHER:-0.05}       # "disturbed": other processes (or steal) took more CPU-s/s than this
 PERF=${PERF:-0}                    # 1: afterwards, perf record -g grpcgate under unary-closed
-BUILD=${BUILD:-1}                  # 0: use the binaries already in target/release
+BUILD=${BUILD:-1}                  # 0: use the binaries already in target/release (and target/pgo)
+PGO=${PGO:-1}                      # 1: benchmark the profile-guided build of grpcgate (benches/load/pgo.sh,
+                                   # the recommended release build); 0: the plain `cargo build --release`
 BUSY_POLL=${BUSY_POLL:-0}          # 1: grpcgate busy_poll = true and HAProxy busy-polling (NGINX has none);
                                    # proxy CPU figures then count the spinning, not the work
 OUT_DIR=${OUT_DIR:-$ROOT/benches/load}
 NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 HAPROXY=${HAPROXY:-$(command -v haproxy || echo /usr/sbin/haproxy)}
 
-GRPCGATE=$ROOT/target/release/grpcgate
+if [[ $PGO == 1 ]]; then
+  GRPCGATE=$ROOT/target/pgo/$(rustc -vV | sed -n 's/^host: //p')/release/grpcgate
+else
+  GRPCGATE=$ROOT/target/release/grpcgate
+fi
 LOADGEN=$ROOT/target/release/examples/loadgen
 ECHO_SERVER=$ROOT/target/release/examples/echo-server
 
@@ -105,9 +111,13 @@ fi
 if [[ $BUILD == 1 ]]; then
   log "building (release)"
   cargo build --release --bins --examples
+  if [[ $PGO == 1 ]]; then
+    log "building grpcgate with PGO (benches/load/pgo.sh)"
+    bash "$ROOT/benches/load/pgo.sh" >/dev/null
+  fi
 fi
 for b in "$GRPCGATE" "$LOADGEN" "$ECHO_SERVER"; do
-  [[ -x $b ]] || { log "missing $b (run with BUILD=1)"; exit 1; }
+  [[ -x $b ]] || { log "missing $b (run with BUILD=1, or PGO=0 for the plain build)"; exit 1; }
 done
 
 try_install() {
@@ -401,10 +411,10 @@ cleanup
 # Report
 
 meta=(
-  "command=DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS$([[ $BUSY_POLL == 1 ]] && echo ' BUSY_POLL=1') bash benches/load/run.sh"
+  "command=DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS$([[ $BUSY_POLL == 1 ]] && echo ' BUSY_POLL=1')$([[ $PGO == 0 ]] && echo ' PGO=0') bash benches/load/run.sh"
   "rounds=$ROUNDS per scenario and system, interleaved; each number is the median over the rounds"
   "pinning=proxy on CPU $PROXY_CPU; load generator and $BACKENDS echo backends on CPU $LOAD_CPU (taskset)"
-  "proxies=grpcgate $(git rev-parse --short HEAD 2>/dev/null || echo ?)$(git diff --quiet HEAD -- src 2>/dev/null || echo '+dirty') (workers = 0: one worker thread on its one CPU, round_robin); $("$NGINX" -v 2>&1 | sed 's/nginx version: //') (worker_processes 1, grpc_pass, upstream keepalive 1024); $("$HAPROXY" -v 2>/dev/null | head -1 | awk '{print "HAProxy " $3}') (nbthread 1, proto h2 both sides, http-reuse always)"
+  "proxies=grpcgate $(git rev-parse --short HEAD 2>/dev/null || echo ?)$(git diff --quiet HEAD -- src 2>/dev/null || echo '+dirty')$([[ $PGO == 1 ]] && echo ', profile-guided build (benches/load/pgo.sh)' || echo ', plain release build') (workers = 0: one worker thread on its one CPU, round_robin); $("$NGINX" -v 2>&1 | sed 's/nginx version: //') (worker_processes 1, grpc_pass, upstream keepalive 1024); $("$HAPROXY" -v 2>/dev/null | head -1 | awk '{print "HAProxy " $3}') (nbthread 1, proto h2 both sides, http-reuse always)"
   "max_concurrent_streams=$MAX_STREAMS advertised by every proxy"
   "load_average=$LOAD_AT_START at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end"
 )
