@@ -408,6 +408,7 @@ async fn connect(
     }
 }
 
+/// The h2 client handshake over `io`, with the generator's windows; spawns the connection task.
 async fn h2_handshake<T>(
     io: T,
     addr: SocketAddr,
