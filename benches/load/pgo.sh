@@ -4,7 +4,8 @@
 #   2. a training run: the load generator against the echo backends through that binary, over h2c and
 #      TLS (unary at high and at low concurrency, server streaming, connection churn, 10k streams);
 #   3. the optimised release build (-Cprofile-use) from the merged profile.
-# The optimised binary ends up in target/pgo/<host>/release/grpcgate; the script prints that path last.
+# The optimised binary ends up in target/pgo/<host>/release/grpcgate; that path is all the script prints
+# on stdout (progress goes to stderr), so `bin=$(bash benches/load/pgo.sh)` works.
 #
 #   bash benches/load/pgo.sh
 #   TRAIN_SECONDS=5 bash benches/load/pgo.sh     # a longer training run (default 3 s per scenario)
@@ -124,7 +125,7 @@ ls "$WORK"/profiles/grpcgate-*.profraw >/dev/null 2>&1 || {
   log "the instrumented grpcgate wrote no profile"
   exit 1
 }
-"$PROFDATA" merge -o "$WORK/grpcgate.profdata" "$WORK"/profiles/grpcgate-*.profraw
+"$PROFDATA" merge -o "$WORK/grpcgate.profdata" "$WORK"/profiles/grpcgate-*.profraw >&2
 
 log "building optimised grpcgate"
 CARGO_TARGET_DIR=$ROOT/target/pgo RUSTFLAGS="-Cprofile-use=$WORK/grpcgate.profdata" \
