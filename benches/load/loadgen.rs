@@ -258,6 +258,8 @@ struct CallOk {
     sent: u64,
     recv: u64,
     messages: u64,
+    /// Response DATA frames (chunks h2 handed over).
+    data_frames: u64,
 }
 
 static GRPC: HeaderValue = HeaderValue::from_static("application/grpc");
@@ -313,6 +315,7 @@ async fn call(
         while let Some(chunk) = body.data().await {
             let chunk = chunk.map_err(classify)?;
             ok.recv += chunk.len() as u64;
+            ok.data_frames += 1;
             if spec.count_messages {
                 counter.feed(&chunk);
             }
@@ -439,6 +442,7 @@ struct Stats {
     sent: u64,
     recv: u64,
     messages: u64,
+    data_frames: u64,
     error_kinds: BTreeMap<String, u64>,
 }
 
@@ -452,6 +456,7 @@ impl Stats {
             sent: 0,
             recv: 0,
             messages: 0,
+            data_frames: 0,
             error_kinds: BTreeMap::new(),
         }
     }
@@ -470,6 +475,7 @@ impl Stats {
         self.sent += o.sent;
         self.recv += o.recv;
         self.messages += o.messages;
+        self.data_frames += o.data_frames;
         for (k, v) in o.error_kinds {
             *self.error_kinds.entry(k).or_default() += v;
         }
@@ -499,6 +505,7 @@ impl Ctx {
                 s.sent += ok.sent;
                 s.recv += ok.recv;
                 s.messages += ok.messages;
+                s.data_frames += ok.data_frames;
                 let ns = (latency.as_nanos() as u64).clamp(1, 120_000_000_000);
                 s.hist.record(ns).expect("record");
             }
@@ -1146,6 +1153,11 @@ fn result_json(
             o.insert("count".into(), json!(args.count));
             o.insert("messages".into(), json!(s.messages));
             o.insert("msgs_per_s".into(), json!((s.messages as f64 / d).round()));
+            // How the server (or the proxy) framed the stream: the client's per-frame work.
+            o.insert(
+                "data_frame_bytes".into(),
+                json!((s.recv as f64 / s.data_frames.max(1) as f64).round()),
+            );
             o.insert(
                 "mb_per_s".into(),
                 json!((s.recv as f64 / d / 1e6 * 10.0).round() / 10.0),
