@@ -17,7 +17,7 @@ COPY . .
 # The registry, git checkouts and target/ live in BuildKit cache mounts, so a rebuild after a source
 # change reuses the compiled dependencies. The binary is copied out of the cache in the same step.
 # --build-arg PGO=1 builds with profile-guided optimisation (benches/load/pgo.sh: an instrumented build,
-# a short load run on loopback, the optimised build): about a fifth less CPU per proxied call in our
+# a short load run on loopback, the optimised build): 15-20 % less CPU per proxied call in our
 # benchmark, for three builds' worth of build time.
 ARG PGO=0
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
