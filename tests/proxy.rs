@@ -262,6 +262,82 @@ async fn raw_upstream() -> RawUpstream {
     }
 }
 
+/// A hand-written HTTP/2 upstream, for what h2's server cannot be made to do: it answers the preface
+/// and SETTINGS and, on every request's HEADERS, sends GOAWAY with `reason` and a last_stream_id of
+/// that stream (`refuse` false: the stream may have been processed) or of the one before it (`refuse`
+/// true: this stream was not processed), then keeps the connection open and says nothing more, as
+/// nghttp2 does after a header block it cannot take. Counts the HEADERS it saw.
+struct GoawayUpstream {
+    addr: SocketAddr,
+    headers_seen: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for GoawayUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn goaway_upstream(reason: h2::Reason, refuse: bool) -> GoawayUpstream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let headers_seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = headers_seen.clone();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let seen = seen.clone();
+            conns.spawn(async move {
+                let mut preface = [0u8; 24];
+                tcp.read_exact(&mut preface).await?;
+                tcp.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?; // SETTINGS, empty
+                loop {
+                    let mut head = [0u8; 9];
+                    tcp.read_exact(&mut head).await?;
+                    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                    let (kind, flags) = (head[3], head[4]);
+                    let stream =
+                        u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                    let mut payload = vec![0u8; len];
+                    tcp.read_exact(&mut payload).await?;
+                    match kind {
+                        // SETTINGS: acknowledge.
+                        4 if flags & 1 == 0 => tcp.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await?,
+                        // PING: answer.
+                        6 if flags & 1 == 0 => {
+                            tcp.write_all(&[0, 0, 8, 6, 1, 0, 0, 0, 0]).await?;
+                            tcp.write_all(&payload).await?;
+                        }
+                        // HEADERS: GOAWAY.
+                        1 => {
+                            seen.fetch_add(1, SeqCst);
+                            let last = if refuse {
+                                stream.saturating_sub(2)
+                            } else {
+                                stream
+                            };
+                            let mut frame = vec![0, 0, 8, 7, 0, 0, 0, 0, 0];
+                            frame.extend_from_slice(&last.to_be_bytes());
+                            frame.extend_from_slice(&u32::from(reason).to_be_bytes());
+                            tcp.write_all(&frame).await?;
+                        }
+                        _ => {}
+                    }
+                }
+                #[allow(unreachable_code)]
+                Ok::<(), std::io::Error>(())
+            });
+        }
+    });
+    GoawayUpstream {
+        addr,
+        headers_seen,
+        task,
+    }
+}
+
 /// A client that shares `ch` (one connection) with any other client made from it.
 fn echo(ch: &Channel) -> EchoClient<Channel> {
     EchoClient::new(ch.clone())
@@ -792,6 +868,27 @@ async fn unreachable_endpoints_are_unavailable() {
     let (n, s) = bounded(async { stream_error(c.server_stream(msg(b"x")).await).await }).await;
     assert_eq!((n, s.code()), (0, Code::Unavailable), "{s:?}");
     wait_settled(&gw, &[("UNAVAILABLE", 4)]).await;
+}
+
+/// An upstream that ends its connection with an error GOAWAY but leaves the socket open (nghttp2 does,
+/// after a header block too large for it) fails the calls on it at once with UNAVAILABLE, rather than
+/// leaving them to hang until their deadline or forever.
+#[tokio::test]
+async fn upstream_error_goaway_fails_calls_at_once() {
+    let up = goaway_upstream(h2::Reason::COMPRESSION_ERROR, false).await;
+    let gw = start(&config_with(&[up.addr], "")).await;
+    let mut c = edge_client(&gw).await;
+    for _ in 0..2 {
+        let s = expect_err(bounded(c.unary(msg(b"x"))).await);
+        assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+        assert!(s.message().contains("COMPRESSION_ERROR"), "{s:?}");
+        assert!(s.message().contains(&up.addr.to_string()), "{s:?}");
+    }
+    // Server streaming too: its response never started.
+    let (n, s) = bounded(async { stream_error(c.server_stream(msg(b"x")).await).await }).await;
+    assert_eq!((n, s.code()), (0, Code::Unavailable), "{s:?}");
+    assert!(up.headers_seen.load(SeqCst) >= 3);
+    wait_settled(&gw, &[("UNAVAILABLE", 3)]).await;
 }
 
 #[tokio::test]

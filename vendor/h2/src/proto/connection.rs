@@ -598,6 +598,20 @@ where
                 // until they are all EOS. Once they are, State should
                 // transition to GoAway.
                 self.streams.recv_go_away(&frame)?;
+                // grpcgate patch: a GOAWAY with an error code ends the connection: its sender closes
+                // it right after (RFC 9113 §5.4.1), so streams at or below last_stream_id will never
+                // complete. Upstream h2 waits for EOF; a peer that keeps the socket open (nghttp2, after
+                // a header block it cannot take) left those calls hanging. Fail them now and close.
+                // Streams above last_stream_id already failed as refused (remote GOAWAY); these get an
+                // I/O error, since the peer may have processed them.
+                if frame.reason() != Reason::NO_ERROR {
+                    self.streams.handle_error(Error::Io(
+                        std::io::ErrorKind::ConnectionAborted,
+                        Some(format!("peer sent GOAWAY({:?})", frame.reason())),
+                    ));
+                    *self.error = Some(frame);
+                    return Ok(ReceivedFrame::Done);
+                }
                 *self.error = Some(frame);
             }
             Some(Ping(frame)) => {
