@@ -1276,7 +1276,9 @@ fn run_idle(args: &Args) -> anyhow::Result<Value> {
 // ---------------------------------------------------------------------------------------------------
 // Report
 
-const SYSTEMS: [&str; 4] = ["direct", "grpcgate", "nginx", "haproxy"];
+/// Every system a run may have, in table order. `tcp-relay` (HAProxy in TCP mode, run.sh) is not a gRPC load
+/// balancer and never a peer: it is the floor, what the extra hop costs a proxy that parses nothing.
+const SYSTEMS: [&str; 5] = ["direct", "grpcgate", "nginx", "haproxy", "tcp-relay"];
 const PEERS: [&str; 2] = ["nginx", "haproxy"];
 
 fn num(v: &Value, k: &str) -> Option<f64> {
@@ -1659,9 +1661,36 @@ fn report(args: &Args) -> anyhow::Result<()> {
         ));
     }
 
+    // The floor: a byte relay on the same CPU, for the targets that are relative to direct.
+    let mut floor = Vec::new();
+    let mut floor_text = String::from(
+        "## The floor: a TCP relay\n\n`tcp-relay` is HAProxy in TCP mode on the proxy's CPU: it copies bytes and parses nothing, so what it adds over direct is what the extra hop costs any proxy on this machine.\n\n| measure | tcp-relay | grpcgate |\n|---|---:|---:|\n",
+    );
+    let mut floor_row = |name: &str, f: &dyn Fn(&str) -> Option<f64>| {
+        let (relay, gg) = (f("tcp-relay"), f("grpcgate"));
+        if relay.is_some() {
+            floor_text.push_str(&format!(
+                "| {name} | {} | {} |\n",
+                fmt_num(relay, 2),
+                fmt_num(gg, 2)
+            ));
+            floor.push(json!({"measure": name, "tcp_relay": relay, "grpcgate": gg}));
+        }
+    };
+    floor_row("unary-1x1: p50 − direct p50 (µs)", &|sys| {
+        Some(r("unary-1x1", sys, "p50_us")? - r("unary-1x1", "direct", "p50_us")?)
+    });
+    floor_row("stream: MB/s ÷ direct", &|sys| {
+        Some(r("stream", sys, "mb_per_s")? / r("stream", "direct", "mb_per_s")?)
+    });
+
     md.push_str(&ratio_text);
     md.push('\n');
     md.push_str(&target_text);
+    if !floor.is_empty() {
+        md.push('\n');
+        md.push_str(&floor_text);
+    }
     if !args.note.is_empty() {
         md.push_str("\n## Notes\n\n");
         for n in &args.note {
@@ -1679,11 +1708,15 @@ fn report(args: &Args) -> anyhow::Result<()> {
             "runs": runs,
             "ratios": ratios,
             "targets": targets,
+            "floor": floor,
         });
         std::fs::write(path, serde_json::to_string_pretty(&out)? + "\n")
             .with_context(|| format!("writing {path}"))?;
     }
     println!("{ratio_text}\n{target_text}");
+    if !floor.is_empty() {
+        println!("{floor_text}");
+    }
     Ok(())
 }
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # grpcgate load benchmark (issue 7): the same echo backends and the same load, with the same CPU pinning,
-# against (1) the backends directly, (2) grpcgate, (3) NGINX grpc_pass, (4) HAProxy (h2c).
+# against (1) the backends directly, (2) grpcgate, (3) NGINX grpc_pass, (4) HAProxy (h2c), and, in the
+# one-call-in-flight and streaming scenarios only, (5) "tcp-relay": HAProxy in TCP mode, a byte relay that
+# parses nothing, as the floor any proxy pays on this machine for the extra hop.
 # Writes benches/load/results.md and benches/load/results.json. See benches/load/README.md.
 #
 #   bash benches/load/run.sh                 # everything, 5 s per scenario
@@ -16,9 +18,10 @@ DURATION=${DURATION:-5}            # measured seconds per scenario
 WARMUP=${WARMUP:-1}                # warm-up seconds before each measured window
 PROXY_CPU=${PROXY_CPU:-1}          # the proxy under test runs here (taskset -c)
 LOAD_CPU=${LOAD_CPU:-0}            # load generator and echo backends run here
-BASE_PORT=${BASE_PORT:-19000}      # backends on BASE+51.., grpcgate BASE+100, nginx BASE+200, haproxy BASE+300
+BASE_PORT=${BASE_PORT:-19000}      # backends on BASE+51.., grpcgate BASE+100, nginx BASE+200, haproxy BASE+300,
+                                   # tcp-relay BASE+400
 BACKENDS=${BACKENDS:-2}            # echo backends behind every proxy (and spread over by "direct")
-SYSTEMS=${SYSTEMS:-"direct grpcgate nginx haproxy"}
+SYSTEMS=${SYSTEMS:-"direct grpcgate nginx haproxy tcp-relay"}
 SCENARIOS=${SCENARIOS:-"unary-closed unary-1x1 unary-open stream conns streams10k idle"}
 PAYLOAD=${PAYLOAD:-64}             # unary payload bytes
 UNARY_C=${UNARY_C:-4}              # unary-closed: connections x streams per connection
@@ -143,11 +146,12 @@ if want nginx; then
     SYSTEMS=${SYSTEMS//nginx/}
   fi
 fi
-if want haproxy; then
+if want haproxy || want tcp-relay; then
   [[ -x $HAPROXY ]] || { try_install haproxy; HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy); }
   if [[ ! -x $HAPROXY ]]; then
-    note "HAProxy skipped: not installed and apt-get install haproxy failed"
+    note "HAProxy and tcp-relay skipped: not installed and apt-get install haproxy failed"
     SYSTEMS=${SYSTEMS//haproxy/}
+    SYSTEMS=${SYSTEMS//tcp-relay/}
   fi
 fi
 
@@ -161,6 +165,7 @@ BACKEND_LIST=$(IFS=,; echo "${BACKEND_ADDRS[*]}")
 GG_PORT=$((BASE_PORT + 100))
 NGINX_PORT=$((BASE_PORT + 200))
 HAPROXY_PORT=$((BASE_PORT + 300))
+TCP_RELAY_PORT=$((BASE_PORT + 400))
 
 {
   echo 'drain_timeout = "1s"'
@@ -255,12 +260,41 @@ EOF
   for a in "${BACKEND_ADDRS[@]}"; do echo "    server b$i $a proto h2"; i=$((i + 1)); done
 } >"$WORK/haproxy.cfg"
 
+# tcp-relay: HAProxy as a plain TCP relay (no HTTP/2 parsing, no per-request balancing: a connection goes to
+# one backend). Not a gRPC load balancer; it shows what the extra hop alone costs.
+{
+  cat <<EOF
+global
+    nbthread 1
+    $([[ $BUSY_POLL == 1 ]] && echo busy-polling)
+    maxconn $HAPROXY_MAXCONN
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 600s
+    timeout server 600s
+    maxconn $HAPROXY_MAXCONN
+
+frontend fe
+    bind 127.0.0.1:$TCP_RELAY_PORT backlog 4096
+    default_backend be
+
+backend be
+    balance roundrobin
+EOF
+  i=0
+  for a in "${BACKEND_ADDRS[@]}"; do echo "    server b$i $a"; i=$((i + 1)); done
+} >"$WORK/tcp-relay.cfg"
+
 "$GRPCGATE" --config "$WORK/grpcgate.toml" --check >/dev/null
 if want nginx; then "$NGINX" -t -p "$WORK/nginx/" -c "$WORK/nginx/nginx.conf" >/dev/null 2>&1 || {
   "$NGINX" -t -p "$WORK/nginx/" -c "$WORK/nginx/nginx.conf" || true
   note "NGINX skipped: config test failed"; SYSTEMS=${SYSTEMS//nginx/}; }; fi
 if want haproxy; then "$HAPROXY" -c -q -f "$WORK/haproxy.cfg" || {
   note "HAProxy skipped: config check failed"; SYSTEMS=${SYSTEMS//haproxy/}; }; fi
+if want tcp-relay; then "$HAPROXY" -c -q -f "$WORK/tcp-relay.cfg" || {
+  note "tcp-relay skipped: config check failed"; SYSTEMS=${SYSTEMS//tcp-relay/}; }; fi
 
 LOAD_AT_START=$(cut -d' ' -f1-3 /proc/loadavg)
 log "work dir: $WORK (load average $LOAD_AT_START)"
@@ -286,6 +320,10 @@ start_proxy() {
     haproxy)
       port=$HAPROXY_PORT
       taskset -c "$PROXY_CPU" "$HAPROXY" -db -f "$WORK/haproxy.cfg" >>"$WORK/haproxy.log" 2>&1 &
+      ;;
+    tcp-relay)
+      port=$TCP_RELAY_PORT
+      taskset -c "$PROXY_CPU" "$HAPROXY" -db -f "$WORK/tcp-relay.cfg" >>"$WORK/tcp-relay.log" 2>&1 &
       ;;
   esac
   PROXY_PID=$!
@@ -318,11 +356,19 @@ scenario_args() {
   esac
 }
 
+# Whether a system takes part in a scenario. A TCP relay pins each connection to one backend, so it runs
+# only where that changes nothing (one connection; long streams over few connections).
+takes_part() {
+  local system=$1 scenario=$2
+  [[ $scenario == idle && $system == direct ]] && return 1
+  [[ $system == tcp-relay && $scenario != unary-1x1 && $scenario != stream ]] && return 1
+  return 0
+}
+
 # Runs one scenario against one system; a run disturbed by other processes or by the hypervisor (steal),
 # more than MAX_OTHER CPU-seconds per second, is repeated up to RETRIES times; the least disturbed is kept.
 run_one() {
   local system=$1 scenario=$2 args out best="" best_other=999 other attempt
-  if [[ $scenario == idle && $system == direct ]]; then return 0; fi
   args=$(scenario_args "$scenario") || { note "unknown scenario $scenario"; return 0; }
   for attempt in $(seq 0 "$RETRIES"); do
     start_proxy "$system" || { note "$system failed to start for $scenario"; return 0; }
@@ -362,6 +408,7 @@ for scenario in $SCENARIOS; do
   fi
   for round in $(seq 1 "$ROUNDS"); do
     for system in $SYSTEMS; do
+      takes_part "$system" "$scenario" || continue
       if ((ROUNDS > 1)); then log "$scenario: $system (round $round of $ROUNDS)"; else log "$scenario: $system"; fi
       run_one "$system" "$scenario"
     done
@@ -418,7 +465,7 @@ meta=(
   "command=DURATION=$DURATION WARMUP=$WARMUP ROUNDS=$ROUNDS$([[ $BUSY_POLL == 1 ]] && echo ' BUSY_POLL=1')$([[ $PGO == 0 ]] && echo ' PGO=0') bash benches/load/run.sh"
   "rounds=$ROUNDS per scenario and system, interleaved; each number is the median over the rounds"
   "pinning=proxy on CPU $PROXY_CPU; load generator and $BACKENDS echo backends on CPU $LOAD_CPU (taskset)"
-  "proxies=grpcgate $(git rev-parse --short HEAD 2>/dev/null || echo ?)$(git diff --quiet HEAD -- src 2>/dev/null || echo '+dirty')$([[ $PGO == 1 ]] && echo ', profile-guided build (benches/load/pgo.sh)' || echo ', plain release build') (workers = 0: one worker thread on its one CPU, round_robin); $("$NGINX" -v 2>&1 | sed 's/nginx version: //') (worker_processes 1, grpc_pass, upstream keepalive 1024); $("$HAPROXY" -v 2>/dev/null | head -1 | awk '{print "HAProxy " $3}') (nbthread 1, proto h2 both sides, http-reuse always)"
+  "proxies=grpcgate $(git rev-parse --short HEAD 2>/dev/null || echo ?)$(git diff --quiet HEAD -- src 2>/dev/null || echo '+dirty')$([[ $PGO == 1 ]] && echo ', profile-guided build (benches/load/pgo.sh)' || echo ', plain release build') (workers = 0: one worker thread on its one CPU, round_robin); $("$NGINX" -v 2>&1 | sed 's/nginx version: //') (worker_processes 1, grpc_pass, upstream keepalive 1024); $("$HAPROXY" -v 2>/dev/null | head -1 | awk '{print "HAProxy " $3}') (nbthread 1, proto h2 both sides, http-reuse always); tcp-relay: the same HAProxy in mode tcp (nbthread 1), unary-1x1 and stream only"
   "max_concurrent_streams=$MAX_STREAMS advertised by every proxy"
   "load_average=$LOAD_AT_START at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end"
 )
