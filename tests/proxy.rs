@@ -891,6 +891,51 @@ async fn upstream_error_goaway_fails_calls_at_once() {
     wait_settled(&gw, &[("UNAVAILABLE", 3)]).await;
 }
 
+/// A stream the upstream refused without processing it is sent again, body included, to the endpoint
+/// the balancer picks next, and the client never sees the refusal: a stream above the last_stream_id
+/// of a GOAWAY (what a backend ending a connection at its max age does, with one GOAWAY, as nghttp2
+/// does), or one reset with REFUSED_STREAM.
+#[tokio::test]
+async fn refused_streams_are_sent_again() {
+    let refuser = goaway_upstream(h2::Reason::NO_ERROR, true).await;
+    let b = backends(1).await;
+    let gw = start(&config_with(&[refuser.addr, b[0].addr], "")).await;
+    let mut c = edge_client(&gw).await;
+    for _ in 0..4 {
+        let r = bounded(c.unary(msg(b"abc"))).await.expect("unary");
+        assert_eq!(r.into_inner().payload, b"abc");
+        // A body of many frames, replayed whole.
+        let reqs: Vec<EchoRequest> = (1..=20usize).map(|i| msg(&vec![7u8; i * 100])).collect();
+        let want: u64 = reqs.iter().map(|r| r.payload.len() as u64).sum();
+        let r = bounded(c.client_stream(tokio_stream::iter(reqs)))
+            .await
+            .expect("client stream")
+            .into_inner();
+        assert_eq!((r.seq, r.total_bytes), (20, want));
+    }
+    // Round robin sent half of the first attempts to the refuser.
+    assert!(
+        refuser.headers_seen.load(SeqCst) >= 4,
+        "the refuser was not tried"
+    );
+    let backend = b[0].addr.to_string();
+    let ok = [("endpoint", backend.as_str()), ("grpc_status", "OK")];
+    wait_sample(&gw, "grpcgate_requests_total", &ok, 8.0).await;
+
+    let up = raw_upstream().await;
+    let gw = start(&config_with(&[up.addr, b[0].addr], "")).await;
+    let mut c = edge_client(&gw).await;
+    for _ in 0..4 {
+        let mut req = Request::new(msg(b"x"));
+        req.metadata_mut()
+            .insert("x-behave", "refuse".parse().unwrap());
+        bounded(c.unary(req))
+            .await
+            .expect("sent again after REFUSED_STREAM");
+    }
+    wait_sample(&gw, "grpcgate_requests_total", &ok, 4.0).await;
+}
+
 #[tokio::test]
 async fn route_timeout_is_deadline_exceeded() {
     let b = backends(1).await;
