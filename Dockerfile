@@ -46,7 +46,7 @@ USER 10001:10001
 EXPOSE 8443 8080 9901
 
 # Log level (tracing EnvFilter syntax), e.g. "debug" or "grpcgate=debug".
-ENV RUST_LOG=info
+ENV RUST_LOG=info,rustls=error
 # Only the HEALTHCHECK below reads this: set it to the admin port of your config if it is not 9901.
 ENV HEALTHCHECK_ADMIN_PORT=9901
 

@@ -54,10 +54,12 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                // rustls warns about every client that sends an IP address as SNI (grpc-js does):
+                // a client's quirk, not the operator's problem, on every connection.
                 tracing_subscriber::EnvFilter::new(if cli.command.is_some() {
-                    "warn"
+                    "warn,rustls=error"
                 } else {
-                    "info"
+                    "info,rustls=error"
                 })
             }),
         )
