@@ -25,16 +25,13 @@ use tokio_util::task::TaskTracker;
 use crate::config::{ListenerConfig, TlsConfig};
 use crate::proxy;
 use crate::router::Router;
+use crate::upstream;
 use crate::worker::{self, Spawner};
 
 /// The HTTP/2 connection preface every h2 client sends first (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// How long a new connection may take to finish TLS and send the preface.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Stream window we grant clients for request bodies (per stream).
-const STREAM_WINDOW: u32 = 1024 * 1024;
-/// Connection window we grant clients (shared by all streams of a connection).
-const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
 
 /// Builds the rustls server config for a listener: ALPN `h2`, client certificates required when
 /// `client_ca` is set.
@@ -371,8 +368,10 @@ impl ConnectionHandler {
             io,
         };
         h2::server::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
+            .initial_window_size(upstream::STREAM_WINDOW)
+            .initial_connection_window_size(upstream::connection_window(
+                self.max_concurrent_streams,
+            ))
             .max_concurrent_streams(self.max_concurrent_streams)
             .max_concurrent_reset_streams(crate::upstream::RESET_STREAM_MEMORY)
             .handshake::<_, Bytes>(io)

@@ -23,10 +23,18 @@ use tokio::time::Instant;
 
 use crate::worker;
 
-/// Stream flow-control window we give upstream responses (per stream).
+/// Stream flow-control window we give upstream responses and clients' request bodies (per stream).
 pub const STREAM_WINDOW: u32 = 1024 * 1024;
-/// Connection flow-control window we give upstream responses (all streams of one connection).
-pub const CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+
+/// The connection flow-control window for a connection of up to `streams` concurrent streams: a
+/// stream window for each (at most HTTP/2's 2^31 - 1). A frame's credit goes back only once the other
+/// side took it (see `proxy`), so a stream whose reader stalled keeps up to its window of the
+/// connection's; were the connection window smaller than all of them together, a few stalled calls
+/// would stop every other call on the connection, other clients' calls too on a shared upstream
+/// connection. Memory stays bounded per stream by the stream window, as before.
+pub fn connection_window(streams: u32) -> u32 {
+    (u64::from(streams) * u64::from(STREAM_WINDOW)).min(i32::MAX as u64) as u32
+}
 /// More than this many connections to one endpoint (per worker) and new calls queue on the least-loaded
 /// one.
 const MAX_CONNECTIONS: usize = 64;
@@ -304,6 +312,7 @@ impl Pool {
 
     async fn connect(&self) -> Result<Arc<Conn>, String> {
         let address = &self.address;
+        let max_streams = u32::try_from(self.max_streams).unwrap_or(u32::MAX);
         let closed = Arc::new(AtomicBool::new(false));
         let attempt = async {
             let tcp = TcpStream::connect(address.as_str())
@@ -312,7 +321,7 @@ impl Pool {
             let _ = tcp.set_nodelay(true);
             let (send, mut connection) = h2::client::Builder::new()
                 .initial_window_size(STREAM_WINDOW)
-                .initial_connection_window_size(CONNECTION_WINDOW)
+                .initial_connection_window_size(connection_window(max_streams))
                 .enable_push(false)
                 // Calls we cancel (client gone, deadline) leave reset streams whose late frames h2 must
                 // still recognise; the default memory of 50 is far below a busy proxy's cancel rate.

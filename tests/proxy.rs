@@ -936,6 +936,52 @@ async fn refused_streams_are_sent_again() {
     wait_sample(&gw, "grpcgate_requests_total", &ok, 4.0).await;
 }
 
+/// Calls whose client stopped reading hold up only themselves. Each keeps up to a stream window of
+/// its upstream connection's window, which is shared with every other call on that connection (other
+/// clients' too); a dozen stalled calls must not stop the rest (head-of-line blocking).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_readers_do_not_block_other_calls() {
+    let b = backends(1).await;
+    let gw = gateway_for(&b).await;
+    // The client's own windows must not be what stalls: a small one per stream, plenty per connection.
+    let ch = tonic::transport::Endpoint::from_shared(format!(
+        "http://{}",
+        gw.listener_addr("edge").unwrap()
+    ))
+    .unwrap()
+    .initial_stream_window_size(Some(256 * 1024))
+    .initial_connection_window_size(Some(1 << 30))
+    .connect_timeout(WAIT)
+    .connect()
+    .await
+    .expect("connect");
+    let mut stalled = Vec::new();
+    for _ in 0..16 {
+        let req = EchoRequest {
+            payload: vec![7u8; 256 * 1024],
+            count: 64,
+            ..Default::default()
+        };
+        let mut s = bounded(echo(&ch).server_stream(req))
+            .await
+            .expect("stream")
+            .into_inner();
+        bounded(s.message())
+            .await
+            .expect("first message")
+            .expect("one");
+        stalled.push(s); // and never read again
+    }
+    // 16 streams × up to 1 MiB each is twice the 8 MiB connection window grpcgate used to have.
+    for _ in 0..3 {
+        let r = bounded(echo(&ch).unary(msg(b"still here")))
+            .await
+            .expect("unary beside stalled streams");
+        assert_eq!(r.into_inner().payload, b"still here");
+    }
+    drop(stalled);
+}
+
 #[tokio::test]
 async fn route_timeout_is_deadline_exceeded() {
     let b = backends(1).await;
