@@ -201,6 +201,14 @@ impl Gateway {
                 None => Ok(None),
             })
             .collect::<Result<_, _>>()?;
+        for old in previous.iter() {
+            let kept = config.clusters.iter().find(|c| c.name == old.name);
+            for e in &old.endpoints {
+                if !kept.is_some_and(|c| c.endpoints.iter().any(|n| n.address == e.address)) {
+                    self.shared.metrics.forget_endpoint(&old.name, &e.address);
+                }
+            }
+        }
         self.shared.clusters.store(Arc::new(clusters));
         for ((running, l), tls) in listeners.iter_mut().zip(&config.listeners).zip(tls) {
             running.reload.apply(Router::new(l, &self.shared), tls);

@@ -169,6 +169,14 @@ impl Metrics {
         self.healthy.with_label_values(&[cluster, endpoint])
     }
 
+    /// Drops the gauges of an endpoint a reload removed (`grpcgate_endpoint_healthy`,
+    /// `grpcgate_endpoint_in_flight`), so it does not go on being reported as healthy. Its counters stay:
+    /// they only ever grow, and dropping them would make rates jump.
+    pub fn forget_endpoint(&self, cluster: &str, endpoint: &str) {
+        let _ = self.healthy.remove_label_values(&[cluster, endpoint]);
+        let _ = self.in_flight.remove_label_values(&[cluster, endpoint]);
+    }
+
     /// The health-check counter of an endpoint for one result (`success`, `failure`, ...).
     pub fn health_checks(&self, cluster: &str, endpoint: &str, result: &str) -> IntCounter {
         self.health_checks

@@ -737,3 +737,43 @@ max_ejection_percent = 50
 }
 
 per_balancer!(ejected_endpoint, ejected_endpoint_is_never_picked);
+
+// ---------------------------------------------------------------------------------------------------
+// Reloads
+// ---------------------------------------------------------------------------------------------------
+
+/// An endpoint a reload removes stops being reported: its healthy and in-flight gauges go, while the
+/// endpoints that stay keep theirs.
+#[tokio::test]
+async fn removed_endpoint_gauges_are_dropped_on_reload() {
+    let b = backends(2).await;
+    let text = config_text(&[b[0].addr, b[1].addr], "round_robin", "", "");
+    let gw = start(&text).await;
+    let mut c = edge_client(&gw).await;
+    for _ in 0..4 {
+        bounded(c.unary(EchoRequest::default()))
+            .await
+            .expect("call");
+    }
+    wait_healthy_gauge(&gw, b[1].addr, 1.0).await;
+    let series = |s: &prometheus_parse::Scrape, name: &str, addr: SocketAddr| {
+        let addr = addr.to_string();
+        s.samples
+            .iter()
+            .filter(|x| x.metric == name && x.labels.get("endpoint") == Some(addr.as_str()))
+            .count()
+    };
+    gw.reload(parse(&config_text(&[b[0].addr], "round_robin", "", "")))
+        .expect("reload");
+    let s = eventually(&gw, |s| match healthy_gauge(s, b[1].addr) {
+        None => Ok(()),
+        Some(v) => Err(format!("removed endpoint still reported healthy = {v}")),
+    })
+    .await;
+    assert_eq!(series(&s, "grpcgate_endpoint_in_flight", b[1].addr), 0);
+    assert_eq!(healthy_gauge(&s, b[0].addr), Some(1.0));
+    assert_eq!(series(&s, "grpcgate_endpoint_in_flight", b[0].addr), 1);
+    bounded(c.unary(EchoRequest::default()))
+        .await
+        .expect("call after reload");
+}

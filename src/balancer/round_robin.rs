@@ -70,10 +70,20 @@ impl Balance for RoundRobin {
         if len == 0 {
             return None;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        // All available: the first probe hits. Otherwise walk on to the next eligible entry.
+        // All available: the first slot is taken. An ineligible endpoint's slot is used up like any
+        // other, so its share spreads over the rest in schedule order; walking on from it to the next
+        // eligible entry would hand that endpoint's whole share to the one after it.
+        let mut slot = self.next.fetch_add(1, Ordering::Relaxed);
+        for _ in 0..len {
+            let i = self.schedule[slot % len] as usize;
+            if eligible.accepts(&endpoints[i]) {
+                return Some(i);
+            }
+            slot = self.next.fetch_add(1, Ordering::Relaxed);
+        }
+        // Concurrent picks took every eligible slot we might have had: walk on from here.
         (0..len)
-            .map(|k| self.schedule[start.wrapping_add(k) % len] as usize)
+            .map(|k| self.schedule[slot.wrapping_add(k) % len] as usize)
             .find(|&i| eligible.accepts(&endpoints[i]))
     }
 }
@@ -97,5 +107,15 @@ mod tests {
         assert_eq!(spread(&c, 3000), vec![1000, 1000, 1000]);
         let c = cluster("round_robin", r#"["a:1", { address = "b:1", weight = 3 }]"#);
         assert_eq!(spread(&c, 4000), vec![1000, 3000]);
+    }
+
+    /// An unavailable endpoint's share goes to the others evenly, not all to the one after it.
+    #[test]
+    fn unavailable_share_spreads_evenly() {
+        let c = cluster("round_robin", r#"["a:1", "b:1", "c:1", "d:1"]"#);
+        c.endpoints[1].set_healthy(false);
+        assert_eq!(spread(&c, 3000), vec![1000, 0, 1000, 1000]);
+        c.endpoints[2].set_healthy(false);
+        assert_eq!(spread(&c, 3000), vec![1500, 0, 0, 1500]);
     }
 }
