@@ -342,13 +342,16 @@ fn missing_status(endpoint: &Endpoint) -> Status {
     )
 }
 
-/// Picks an endpoint and a stream slot on a ready connection to it. A connect failure moves on to the
-/// next healthy endpoint (the call has not been sent anywhere yet, so this is always safe).
+/// Picks an endpoint and a stream slot on a ready connection to it. A connect failure moves on to
+/// another endpoint (the call has not been sent anywhere yet, so this is always safe): the balancer's
+/// next pick, so that a failing endpoint's calls spread as the balancer spreads calls (round robin
+/// would otherwise hand them all to the endpoint after it), or, when that one was tried already, the
+/// next available endpoint not yet tried.
 async fn acquire(
     cluster: &Cluster,
 ) -> Result<(usize, InFlight, Lease, SendRequest<Bytes>), Status> {
     let n = cluster.endpoints.len();
-    let first = cluster.pick().ok_or_else(|| {
+    let mut i = cluster.pick().ok_or_else(|| {
         Status::new(
             Code::Unavailable,
             format!(
@@ -357,13 +360,11 @@ async fn acquire(
             ),
         )
     })?;
+    // Allocated only once a connect failed.
+    let mut tried: Vec<usize> = Vec::new();
     let mut last_error = String::new();
-    for k in 0..n {
-        let i = (first + k) % n;
+    loop {
         let endpoint = &cluster.endpoints[i];
-        if k > 0 && !endpoint.is_available() {
-            continue;
-        }
         // Counted from the pick, so calls waiting for a new connection count as load on it.
         let in_flight = endpoint.start_call();
         // Two tries per endpoint: a pooled connection may have just received GOAWAY.
@@ -383,6 +384,20 @@ async fn acquire(
                     break;
                 }
             }
+        }
+        drop(in_flight);
+        tried.push(i);
+        if tried.len() >= n {
+            break;
+        }
+        let next = cluster.pick().filter(|j| !tried.contains(j)).or_else(|| {
+            (1..n)
+                .map(|k| (i + k) % n)
+                .find(|j| !tried.contains(j) && cluster.endpoints[*j].is_available())
+        });
+        match next {
+            Some(j) => i = j,
+            None => break,
         }
     }
     Err(Status::new(

@@ -777,3 +777,23 @@ async fn removed_endpoint_gauges_are_dropped_on_reload() {
         .await
         .expect("call after reload");
 }
+
+/// Calls whose picked endpoint refuses connections fail over as the balancer would spread them: with
+/// round robin over three endpoints, one refusing, the other two share evenly (not 1:2 in favour of the
+/// one after it in the config).
+#[tokio::test]
+async fn connect_failover_spreads_evenly() {
+    let (_keep, dead) = dead_endpoint();
+    let b = backends(2).await;
+    let gw = start(&config_text(
+        &[b[0].addr, dead, b[1].addr],
+        "round_robin",
+        "",
+        "",
+    ))
+    .await;
+    let c = edge_client(&gw).await;
+    let counts = spread_calls(&c, 120, 1).await;
+    assert_eq!(counts.get("b0"), Some(&60), "{counts:?}");
+    assert_eq!(counts.get("b1"), Some(&60), "{counts:?}");
+}
