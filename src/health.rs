@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use h2::server::SendResponse;
 use h2::RecvStream;
-use http::header::{HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{Request, Response};
 use prometheus::IntCounter;
 use prost::Message;
@@ -150,19 +150,29 @@ pub fn spawn_active_checks(
     }
 }
 
-async fn check_loop(mut tracker: Tracker, config: HealthCheckConfig) {
-    let uri = format!("http://{}", tracker.endpoint.address);
-    let channel = match tonic::transport::Endpoint::from_shared(uri) {
-        Ok(e) => e
-            .connect_timeout(config.timeout)
+/// A health client on its own lazily connected channel to `address`.
+fn health_client(
+    address: &str,
+    timeout: Duration,
+) -> Result<HealthClient<tonic::transport::Channel>, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| e.to_string())?;
+    Ok(HealthClient::new(
+        endpoint
+            .connect_timeout(timeout)
             .tcp_nodelay(true)
             .connect_lazy(),
+    ))
+}
+
+async fn check_loop(mut tracker: Tracker, config: HealthCheckConfig) {
+    let mut client = match health_client(&tracker.endpoint.address, config.timeout) {
+        Ok(c) => c,
         Err(e) => {
             tracing::error!(endpoint = %tracker.endpoint.address, error = %e, "cannot health-check endpoint");
             return;
         }
     };
-    let mut client = HealthClient::new(channel);
     let request = HealthCheckRequest {
         service: config.service.clone(),
     };
@@ -205,8 +215,27 @@ fn serving(resp: &HealthCheckResponse) -> Result<(), String> {
     }
 }
 
-/// Keeps a `Health/Watch` stream open and applies each update at once; re-opens it after `interval`
-/// when it breaks. Returns only if the endpoint does not implement Watch.
+/// Watch streams that lost their connection are reopened at once, but never sooner than this after
+/// the previous one was opened: a server that keeps dropping connections right after answering cannot
+/// drive the checker into a hot loop.
+const WATCH_REOPEN_SPACING: Duration = Duration::from_secs(1);
+
+/// How one `Health/Watch` stream ended.
+enum WatchEnd {
+    /// The endpoint does not implement Watch (before any update).
+    Unimplemented,
+    /// The stream had delivered at least one update when its connection went away (GOAWAY, closed
+    /// connection, UNAVAILABLE): connection rotation, not a health verdict.
+    ConnectionLost(String),
+    /// Anything else: a failed check.
+    Failed(String),
+}
+
+/// Keeps a `Health/Watch` stream open and applies each update at once. A stream that delivered an
+/// update and then lost its connection (a backend rotating connections: GOAWAY, then close) is
+/// reopened at once on a new connection, without counting a failure; any other end, or a reopened
+/// stream that fails before its first update, is a failed check and the stream is reopened after
+/// `interval`. Returns only if the endpoint does not implement Watch.
 async fn watch_loop(
     tracker: &mut Tracker,
     client: &mut HealthClient<tonic::transport::Channel>,
@@ -214,42 +243,108 @@ async fn watch_loop(
     config: &HealthCheckConfig,
 ) {
     loop {
-        match tokio::time::timeout(config.timeout, client.watch(request.clone())).await {
-            Err(_) => tracker.record(Err(format!(
-                "Health/Watch timed out after {}ms",
-                config.timeout.as_millis()
-            ))),
-            Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => return,
-            Ok(Err(status)) => tracker.record(Err(format!(
-                "Health/Watch failed: {} {}",
-                status.code(),
-                status.message()
-            ))),
-            Ok(Ok(resp)) => {
-                let mut stream = resp.into_inner();
-                loop {
-                    match stream.message().await {
-                        Ok(Some(update)) => {
-                            let verdict = serving(&update);
-                            tracker.force(verdict.is_ok(), verdict.err());
-                        }
-                        Ok(None) => {
-                            tracker.record(Err("Health/Watch stream ended".into()));
-                            break;
-                        }
-                        Err(status) => {
-                            tracker.record(Err(format!(
-                                "Health/Watch stream broke: {}",
-                                status.message()
-                            )));
-                            break;
-                        }
-                    }
+        let opened = tokio::time::Instant::now();
+        match watch_once(tracker, client, request, config).await {
+            WatchEnd::Unimplemented => return,
+            WatchEnd::ConnectionLost(reason) => {
+                tracing::debug!(cluster = %tracker.cluster, endpoint = %tracker.endpoint.address, %reason, "Health/Watch lost its connection; reopening it on a new one");
+                // A fresh channel, so the reopened stream cannot land on the dying connection.
+                if let Ok(c) = health_client(&tracker.endpoint.address, config.timeout) {
+                    *client = c;
                 }
+                tokio::time::sleep_until(opened + WATCH_REOPEN_SPACING).await;
+                continue;
             }
+            WatchEnd::Failed(reason) => tracker.record(Err(reason)),
         }
         tokio::time::sleep(jittered(config.interval)).await;
     }
+}
+
+/// Opens one `Health/Watch` stream and applies its updates until it ends. Opening it and its first
+/// update must take at most `timeout`.
+async fn watch_once(
+    tracker: &mut Tracker,
+    client: &mut HealthClient<tonic::transport::Channel>,
+    request: &HealthCheckRequest,
+    config: &HealthCheckConfig,
+) -> WatchEnd {
+    let open = async {
+        let mut stream = client.watch(request.clone()).await?.into_inner();
+        let first = stream.message().await?;
+        Ok::<_, tonic::Status>((stream, first))
+    };
+    let mut stream = match tokio::time::timeout(config.timeout, open).await {
+        Err(_) => {
+            return WatchEnd::Failed(format!(
+                "Health/Watch timed out after {}ms",
+                config.timeout.as_millis()
+            ))
+        }
+        Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+            return WatchEnd::Unimplemented
+        }
+        Ok(Err(status)) => {
+            return WatchEnd::Failed(format!(
+                "Health/Watch failed: {} {}",
+                status.code(),
+                status.message()
+            ))
+        }
+        Ok(Ok((_, None))) => {
+            return WatchEnd::Failed("Health/Watch stream ended without an update".into())
+        }
+        Ok(Ok((stream, Some(first)))) => {
+            let verdict = serving(&first);
+            tracker.force(verdict.is_ok(), verdict.err());
+            stream
+        }
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(update)) => {
+                let verdict = serving(&update);
+                tracker.force(verdict.is_ok(), verdict.err());
+            }
+            Ok(None) => return WatchEnd::Failed("Health/Watch stream ended".into()),
+            Err(status) => {
+                let reason = format!(
+                    "Health/Watch stream broke: {} {}",
+                    status.code(),
+                    status.message()
+                );
+                return if connection_lost(&status) {
+                    WatchEnd::ConnectionLost(reason)
+                } else {
+                    WatchEnd::Failed(reason)
+                };
+            }
+        }
+    }
+}
+
+/// Whether a stream error means the stream's connection went away (rather than the server ending
+/// the call with a status): UNAVAILABLE, a GOAWAY, or the connection closing or failing under it.
+fn connection_lost(status: &tonic::Status) -> bool {
+    if status.code() == tonic::Code::Unavailable {
+        return true;
+    }
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(e) = e.downcast_ref::<h2::Error>() {
+            return e.is_go_away() || e.is_io();
+        }
+        if e.is::<std::io::Error>() {
+            return true;
+        }
+        if let Some(e) = e.downcast_ref::<hyper::Error>() {
+            if e.is_closed() || e.is_incomplete_message() {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Passive outlier detection for one cluster: endpoints whose calls keep failing are ejected for a
@@ -333,36 +428,109 @@ impl OutlierDetector {
     }
 }
 
+/// `grpc-encoding`: how a request's messages are compressed.
+static GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
+/// `grpc-accept-encoding`: the encodings the proxy's own `Health/Check` accepts, sent with every answer
+/// (the gRPC compression spec asks for it with the UNIMPLEMENTED of an unsupported encoding).
+static GRPC_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("grpc-accept-encoding");
+const ACCEPTED_ENCODINGS: &str = "identity,deflate,gzip";
+/// A compressed health check request may grow to this much when decompressed: a HealthCheckRequest
+/// is one service name, so this is plenty and a zip bomb stops here.
+const MAX_DECOMPRESSED: usize = 4 * 1024;
+
+/// A request message encoding `Health/Check` can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Identity,
+    Gzip,
+    /// gRPC's "deflate" is the zlib format (RFC 1950).
+    Deflate,
+}
+
+impl Encoding {
+    /// The encoding named by a `grpc-encoding` header (absent = identity); an unsupported one is
+    /// UNIMPLEMENTED, as the compression spec says.
+    fn from_header(value: Option<&HeaderValue>) -> Result<Encoding, Status> {
+        let Some(value) = value else {
+            return Ok(Encoding::Identity);
+        };
+        let name = value.to_str().unwrap_or("").trim();
+        if name.eq_ignore_ascii_case("identity") {
+            Ok(Encoding::Identity)
+        } else if name.eq_ignore_ascii_case("gzip") {
+            Ok(Encoding::Gzip)
+        } else if name.eq_ignore_ascii_case("deflate") {
+            Ok(Encoding::Deflate)
+        } else {
+            Err(Status::new(
+                Code::Unimplemented,
+                format!(
+                    "grpcgate: unsupported grpc-encoding \"{}\" (supported: {ACCEPTED_ENCODINGS})",
+                    String::from_utf8_lossy(value.as_bytes())
+                ),
+            ))
+        }
+    }
+
+    /// Decompresses a message, at most [`MAX_DECOMPRESSED`] bytes of it.
+    fn decompress(self, data: &[u8]) -> Result<Bytes, Status> {
+        use std::io::Read;
+        let mut decoder: Box<dyn Read + '_> = match self {
+            Encoding::Identity => return Ok(Bytes::copy_from_slice(data)),
+            Encoding::Gzip => Box::new(flate2::read::GzDecoder::new(data)),
+            Encoding::Deflate => Box::new(flate2::read::ZlibDecoder::new(data)),
+        };
+        let mut out = Vec::new();
+        decoder
+            .by_ref()
+            .take(MAX_DECOMPRESSED as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| {
+                Status::new(
+                    Code::Internal,
+                    format!("grpcgate: cannot decompress the health check request: {e}"),
+                )
+            })?;
+        if out.len() > MAX_DECOMPRESSED {
+            return Err(Status::new(
+                Code::ResourceExhausted,
+                format!(
+                    "grpcgate: decompressed health check request larger than {MAX_DECOMPRESSED} bytes"
+                ),
+            ));
+        }
+        Ok(out.into())
+    }
+}
+
 /// Answers `grpc.health.v1.Health/Check` on a listener: service "" is SERVING while the proxy is not
 /// draining; a cluster's name is SERVING while that cluster has an available endpoint; anything else
-/// is NOT_FOUND, as the health protocol specifies.
+/// is NOT_FOUND, as the health protocol specifies. The request may be compressed with gzip or deflate.
 pub async fn answer_check(
     mut req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     draining: bool,
     cluster_status: impl Fn(&str) -> Option<bool>,
 ) -> Code {
-    let status = match read_unary(req.body_mut()).await {
+    let status = match read_request(&mut req).await {
         Err(status) => Err(status),
-        Ok(msg) => match HealthCheckRequest::decode(msg) {
-            Err(e) => Err(Status::new(
-                Code::Internal,
-                format!("grpcgate: bad HealthCheckRequest: {e}"),
+        Ok(r) if r.service.is_empty() => Ok(!draining),
+        Ok(r) => match cluster_status(&r.service) {
+            Some(up) => Ok(up && !draining),
+            None => Err(Status::new(
+                Code::NotFound,
+                format!("grpcgate: unknown service \"{}\"", r.service),
             )),
-            Ok(r) if r.service.is_empty() => Ok(!draining),
-            Ok(r) => match cluster_status(&r.service) {
-                Some(up) => Ok(up && !draining),
-                None => Err(Status::new(
-                    Code::NotFound,
-                    format!("grpcgate: unknown service \"{}\"", r.service),
-                )),
-            },
         },
     };
+    let accept = HeaderValue::from_static(ACCEPTED_ENCODINGS);
     let serving = match status {
         Ok(s) => s,
         Err(status) => {
-            let _ = respond.send_response(status.to_trailers_only(), true);
+            let mut head = status.to_trailers_only();
+            head.headers_mut()
+                .insert(GRPC_ACCEPT_ENCODING.clone(), accept);
+            let _ = respond.send_response(head, true);
             return status.code;
         }
     };
@@ -380,6 +548,8 @@ pub async fn answer_check(
     let mut head = Response::new(());
     head.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    head.headers_mut()
+        .insert(GRPC_ACCEPT_ENCODING.clone(), accept);
     if let Ok(mut send) = respond.send_response(head, false) {
         let _ = send.send_data(frame.freeze(), false);
         let _ = send.send_trailers(Status::new(Code::Ok, "").to_trailers());
@@ -387,8 +557,30 @@ pub async fn answer_check(
     Code::Ok
 }
 
-/// Reads the one length-prefixed message of a unary gRPC request body (at most 64 KiB).
-async fn read_unary(body: &mut RecvStream) -> Result<Bytes, Status> {
+/// Reads the request's one message, decompresses it as its `grpc-encoding` says and decodes it.
+async fn read_request(req: &mut Request<RecvStream>) -> Result<HealthCheckRequest, Status> {
+    let encoding = req.headers().get(&GRPC_ENCODING).cloned();
+    let (compressed, msg) = read_unary(req.body_mut()).await?;
+    let encoding = Encoding::from_header(encoding.as_ref())?;
+    let msg = match (compressed, encoding) {
+        (false, _) => msg,
+        (true, Encoding::Identity) => return Err(Status::new(
+            Code::Internal,
+            "grpcgate: compressed health check request without a grpc-encoding (or with identity)",
+        )),
+        (true, encoding) => encoding.decompress(&msg)?,
+    };
+    HealthCheckRequest::decode(msg).map_err(|e| {
+        Status::new(
+            Code::Internal,
+            format!("grpcgate: bad HealthCheckRequest: {e}"),
+        )
+    })
+}
+
+/// Reads the one length-prefixed message of a unary gRPC request body (at most 64 KiB): whether its
+/// compressed flag is set, and its bytes.
+async fn read_unary(body: &mut RecvStream) -> Result<(bool, Bytes), Status> {
     const LIMIT: usize = 64 * 1024;
     let mut buf = BytesMut::new();
     while let Some(chunk) = body.data().await {
@@ -413,12 +605,16 @@ async fn read_unary(body: &mut RecvStream) -> Result<Bytes, Status> {
             "grpcgate: empty health check request",
         ));
     }
-    if buf[0] != 0 {
-        return Err(Status::new(
-            Code::Unimplemented,
-            "grpcgate: compressed health check requests are not supported",
-        ));
-    }
+    let compressed = match buf[0] {
+        0 => false,
+        1 => true,
+        flag => {
+            return Err(Status::new(
+                Code::Internal,
+                format!("grpcgate: bad gRPC message flag {flag}"),
+            ))
+        }
+    };
     let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
     if buf.len() != 5 + len {
         return Err(Status::new(
@@ -426,7 +622,7 @@ async fn read_unary(body: &mut RecvStream) -> Result<Bytes, Status> {
             "grpcgate: malformed gRPC message framing",
         ));
     }
-    Ok(buf.freeze().split_off(5))
+    Ok((compressed, buf.freeze().split_off(5)))
 }
 
 #[cfg(test)]
@@ -503,6 +699,57 @@ mod tests {
         assert!(!a.is_available(), "the second ejection lasts 2 x base");
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(a.is_available());
+    }
+
+    #[test]
+    fn watch_stream_ends_that_mean_the_connection_went_away() {
+        assert!(connection_lost(&tonic::Status::unavailable("GOAWAY")));
+        let closed = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "connection closed");
+        assert!(connection_lost(&tonic::Status::from_error(Box::new(
+            closed
+        ))));
+        // A status the server ended the call with, or a reset of just this stream, is not.
+        assert!(!connection_lost(&tonic::Status::internal("boom")));
+        let reset = h2::Error::from(h2::Reason::CANCEL);
+        assert!(!connection_lost(&tonic::Status::from_error(Box::new(
+            reset
+        ))));
+    }
+
+    #[test]
+    fn request_encodings() {
+        let header = |v: &'static str| HeaderValue::from_static(v);
+        assert_eq!(Encoding::from_header(None).unwrap(), Encoding::Identity);
+        assert_eq!(
+            Encoding::from_header(Some(&header("gzip"))).unwrap(),
+            Encoding::Gzip
+        );
+        assert_eq!(
+            Encoding::from_header(Some(&header("deflate"))).unwrap(),
+            Encoding::Deflate
+        );
+        let err = Encoding::from_header(Some(&header("snappy"))).unwrap_err();
+        assert_eq!(err.code, Code::Unimplemented);
+
+        use std::io::Write;
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(&[7; MAX_DECOMPRESSED]).unwrap();
+        let at_cap = z.finish().unwrap();
+        assert_eq!(
+            Encoding::Deflate.decompress(&at_cap).unwrap().len(),
+            MAX_DECOMPRESSED
+        );
+        let mut g = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        g.write_all(&[7; MAX_DECOMPRESSED + 1]).unwrap();
+        let over = g.finish().unwrap();
+        assert_eq!(
+            Encoding::Gzip.decompress(&over).unwrap_err().code,
+            Code::ResourceExhausted
+        );
+        assert_eq!(
+            Encoding::Gzip.decompress(b"not gzip").unwrap_err().code,
+            Code::Internal
+        );
     }
 
     #[test]

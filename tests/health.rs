@@ -16,6 +16,8 @@ use std::sync::atomic::{AtomicI32, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::{BufMut, Bytes, BytesMut};
+
 use common::*;
 use grpcgate::echo::EchoBackend;
 use grpcgate::pb::echo::echo_client::EchoClient;
@@ -686,6 +688,178 @@ async fn watch_mode_falls_back_to_polling_when_watch_is_unimplemented() {
     );
 }
 
+/// A tonic-health server whose connections rotate the way grpcio's `grpc.max_connection_age_ms` (with
+/// `max_connection_age_grace_ms`) rotates them: `age` after accepting a connection it sends GOAWAY
+/// (hyper's graceful shutdown), and `grace` later it closes the connection, ending the streams still
+/// open on it. (tonic's own `max_connection_age` only sends the GOAWAY and then waits for the open
+/// streams to finish, which a Watch stream never does, so it would not rotate a watched connection.)
+struct RotatingHealth {
+    addr: SocketAddr,
+    reporter: tonic_health::server::HealthReporter,
+    /// Connections accepted so far; `accepted_notify` is notified on each.
+    accepted: Arc<AtomicU64>,
+    accepted_notify: Arc<tokio::sync::Notify>,
+    /// Stops the server: the listener closes and every open connection is dropped.
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl RotatingHealth {
+    async fn start(age: Duration, grace: Duration) -> RotatingHealth {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().unwrap();
+        let (mut reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", ServingStatus::Serving)
+            .await;
+        let accepted = Arc::new(AtomicU64::new(0));
+        let accepted_notify = Arc::new(tokio::sync::Notify::new());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (count, notify, stopped) = (accepted.clone(), accepted_notify.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let tcp = tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    r = l.accept() => match r {
+                        Ok((tcp, _)) => tcp,
+                        Err(_) => continue,
+                    },
+                };
+                count.fetch_add(1, SeqCst);
+                notify.notify_waiters();
+                let service = hyper_util::service::TowerToHyperService::new(service.clone());
+                let stopped = stopped.clone();
+                tokio::spawn(async move {
+                    let conn = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+                    tokio::pin!(conn);
+                    let age_over = tokio::time::sleep(age);
+                    tokio::pin!(age_over);
+                    tokio::select! {
+                        _ = &mut conn => return,
+                        _ = stopped.cancelled() => return,
+                        _ = &mut age_over => conn.as_mut().graceful_shutdown(),
+                    }
+                    // GOAWAY sent; the open Watch stream keeps the connection until the grace ends.
+                    tokio::select! {
+                        _ = &mut conn => {}
+                        _ = stopped.cancelled() => {}
+                        _ = tokio::time::sleep(grace) => {}
+                    }
+                    // Dropping the connection closes the socket under its streams.
+                });
+            }
+        });
+        RotatingHealth {
+            addr,
+            reporter,
+            accepted,
+            accepted_notify,
+            stop,
+        }
+    }
+
+    /// Waits (bounded by [`WAIT`]) until at least `n` connections have been accepted.
+    async fn wait_accepted(&self, n: u64) {
+        bounded(async {
+            loop {
+                let notified = self.accepted_notify.notified();
+                if self.accepted.load(SeqCst) >= n {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
+    }
+}
+
+/// A backend that rotates its connections (GOAWAY, then close, every ~1s, like grpcio with
+/// `max_connection_age_ms`) ends the Watch stream each time. Each time it is reopened at once on a new
+/// connection and no failure is counted: with unhealthy_threshold = 1 the endpoint stays healthy over
+/// several rotations, though the 30s interval means only an immediate reopen could have opened the new
+/// connections. The reopened Watch still applies updates, and a reopen that cannot connect (the
+/// backend is gone) is a failure as usual, counted once rather than in a hot loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_mode_reopens_a_stream_whose_connection_rotated_without_counting_a_failure() {
+    let mut server =
+        RotatingHealth::start(Duration::from_millis(700), Duration::from_millis(300)).await;
+    let ep = server.addr;
+    let gw = start(&config_text(
+        &[ep],
+        "round_robin",
+        "",
+        "[clusters.health_check]\ninterval = \"30s\"\ntimeout = \"1s\"\nunhealthy_threshold = 1\n\
+         healthy_threshold = 1\nmode = \"watch\"\n",
+    ))
+    .await;
+    wait_health(&gw, &[ep], &[true]).await;
+    server.wait_accepted(1).await;
+
+    // Four rotations: the first connection and four more, each opened by a reopened Watch.
+    {
+        let rotations = async {
+            for n in 2..=5 {
+                server.wait_accepted(n).await;
+            }
+        };
+        tokio::pin!(rotations);
+        loop {
+            let s = scrape(&gw).await;
+            assert_eq!(
+                checks(&s, ep, "failure"),
+                0.0,
+                "a connection rotation counted as a failed check (after {} connections)",
+                server.accepted.load(SeqCst)
+            );
+            assert_eq!(healthy(&s, ep), 1.0, "the endpoint flapped");
+            tokio::select! {
+                _ = &mut rotations => break,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    }
+    let s = scrape(&gw).await;
+    assert_eq!(checks(&s, ep, "failure"), 0.0);
+    assert_eq!(healthy(&s, ep), 1.0);
+    assert!(
+        checks(&s, ep, "success") >= 4.0,
+        "each reopened Watch delivers the current status"
+    );
+
+    // The Watch open now, on the latest connection, still applies updates at once.
+    server
+        .reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    wait_health(&gw, &[ep], &[false]).await;
+    server
+        .reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    let s = wait_health(&gw, &[ep], &[true]).await;
+    let failures = checks(&s, ep, "failure");
+    // The NOT_SERVING update counts, once more if a rotation reopened the Watch while it held.
+    assert!(failures >= 1.0, "the NOT_SERVING update is a failure");
+
+    // The backend goes away: the broken Watch is reopened, cannot connect, and that is one failure;
+    // the next attempt waits for the 30s interval.
+    server.stop.cancel();
+    let s = wait_health(&gw, &[ep], &[false]).await;
+    assert_eq!(checks(&s, ep, "failure"), failures + 1.0);
+    // An observation window, not a synchronisation: a hot loop would count many more by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = scrape(&gw).await;
+    assert_eq!(
+        checks(&s, ep, "failure"),
+        failures + 1.0,
+        "a failed reopen must wait for the interval"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Metrics
 // ---------------------------------------------------------------------------------------------------
@@ -900,4 +1074,217 @@ async fn proxy_answers_its_own_health_check_and_ready_follows_the_cluster() {
         PbStatus::Serving
     );
     assert_eq!(http_get(admin, "/ready").await.0, 200);
+}
+
+/// A cluster name long enough that grpcio's gzip channel compresses the request (the interop repro).
+const LONG_CLUSTER: &str = "inventory-and-fulfilment-service-cluster";
+
+/// A gateway whose only cluster is [`LONG_CLUSTER`] over one healthy backend (no active checks).
+async fn long_named_gateway() -> (Gateway, Vec<EchoBackend>) {
+    let bs = backends(1).await;
+    let text = config_text(&addrs(&bs), "round_robin", "", "")
+        .replace("\"echo\"", &format!("\"{LONG_CLUSTER}\""));
+    (start(&text).await, bs)
+}
+
+/// `data` compressed with gRPC's "gzip" (RFC 1952) or "deflate" (zlib, RFC 1950).
+fn compress(encoding: &str, data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let level = flate2::Compression::default();
+    match encoding {
+        "gzip" => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), level);
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        }
+        "deflate" => {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), level);
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        }
+        other => panic!("no encoder for {other}"),
+    }
+}
+
+/// A length-prefixed gRPC message with the given compressed flag.
+fn grpc_frame(compressed: bool, payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(5 + payload.len());
+    b.put_u8(u8::from(compressed));
+    b.put_u32(payload.len() as u32);
+    b.put_slice(payload);
+    b.freeze()
+}
+
+/// The encoded `HealthCheckRequest{service}`.
+fn check_request(service: &str) -> Vec<u8> {
+    prost::Message::encode_to_vec(&HealthCheckRequest {
+        service: service.to_string(),
+    })
+}
+
+/// What a raw `Health/Check` got back: the status code, `grpc-accept-encoding`, and the decoded
+/// response if there was one.
+#[derive(Debug)]
+struct RawCheck {
+    code: Code,
+    message: String,
+    accept_encoding: Option<String>,
+    status: Option<PbStatus>,
+}
+
+/// One `Health/Check` over a fresh raw h2 connection: exact request headers and body bytes.
+async fn raw_check(addr: SocketAddr, headers: &[(&str, &str)], body: Bytes) -> RawCheck {
+    bounded(async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (client, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        tokio::spawn(conn);
+        let mut client = client.ready().await.expect("ready");
+        let mut req = http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{addr}/grpc.health.v1.Health/Check"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let (resp, mut send) = client
+            .send_request(req.body(()).unwrap(), false)
+            .expect("send request");
+        send.send_data(body, true).expect("send body");
+        let (head, mut recv) = resp.await.expect("response").into_parts();
+        assert_eq!(head.status, http::StatusCode::OK);
+        let mut data = BytesMut::new();
+        while let Some(chunk) = recv.data().await {
+            let chunk = chunk.expect("body");
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            data.extend_from_slice(&chunk);
+        }
+        // A trailers-only response carries the status in its headers.
+        let trailers = recv.trailers().await.expect("trailers");
+        let status_headers = trailers.as_ref().unwrap_or(&head.headers);
+        let text = |h: &http::HeaderMap, name: &str| {
+            h.get(name)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        };
+        let code = text(status_headers, "grpc-status")
+            .and_then(|c| c.parse::<i32>().ok())
+            .map(Code::from_i32)
+            .expect("a grpc-status");
+        let status = (!data.is_empty()).then(|| {
+            assert_eq!(data[0], 0, "the response is not compressed");
+            let msg: HealthCheckResponse =
+                prost::Message::decode(&data[5..]).expect("a HealthCheckResponse");
+            PbStatus::try_from(msg.status).expect("a known status")
+        });
+        RawCheck {
+            code,
+            message: text(status_headers, "grpc-message").unwrap_or_default(),
+            accept_encoding: text(&head.headers, "grpc-accept-encoding"),
+            status,
+        }
+    })
+    .await
+}
+
+/// The interop failure: a client with gzip on compresses `Health/Check(service)`. tonic's client with
+/// `send_compressed(Gzip)` compresses every request; the proxy answers them like plain ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_health_check_accepts_gzip_compressed_requests() {
+    let (gw, _bs) = long_named_gateway().await;
+    let mut h = proxy_health(&gw)
+        .await
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    assert_eq!(
+        proxy_check(&mut h, LONG_CLUSTER).await.unwrap(),
+        PbStatus::Serving
+    );
+    assert_eq!(proxy_check(&mut h, "").await.unwrap(), PbStatus::Serving);
+    let err = proxy_check(&mut h, "no-such-cluster-with-a-long-enough-name")
+        .await
+        .expect_err("unknown service");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    wait_settled(&gw, &[("OK", 2), ("NOT_FOUND", 1)]).await;
+}
+
+/// Hand-compressed requests over raw HTTP/2, so the exact bytes are known: gzip and deflate (zlib)
+/// are read; an unsupported encoding is UNIMPLEMENTED naming what is accepted (grpc-accept-encoding);
+/// a compressed message without grpc-encoding, or with identity, is INTERNAL; corrupt data is
+/// INTERNAL; and a zip bomb stops at the 4 KiB cap with RESOURCE_EXHAUSTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_health_check_decompresses_gzip_and_deflate_and_rejects_the_rest() {
+    let (gw, _bs) = long_named_gateway().await;
+    let addr = gw.listener_addr("edge").unwrap();
+    let msg = check_request(LONG_CLUSTER);
+
+    for encoding in ["gzip", "deflate"] {
+        let body = grpc_frame(true, &compress(encoding, &msg));
+        let r = raw_check(addr, &[("grpc-encoding", encoding)], body).await;
+        assert_eq!(r.code, Code::Ok, "{encoding}: {r:?}");
+        assert_eq!(r.status, Some(PbStatus::Serving), "{encoding}: {r:?}");
+        // An uncompressed message with a grpc-encoding header is fine too (compression is per message).
+        let r = raw_check(
+            addr,
+            &[("grpc-encoding", encoding)],
+            grpc_frame(false, &msg),
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            Some(PbStatus::Serving),
+            "{encoding}, flag 0: {r:?}"
+        );
+    }
+
+    let r = raw_check(addr, &[("grpc-encoding", "snappy")], grpc_frame(true, &msg)).await;
+    assert_eq!(r.code, Code::Unimplemented, "{r:?}");
+    assert!(r.message.contains("snappy"), "{r:?}");
+    let accepted: Vec<&str> = r
+        .accept_encoding
+        .as_deref()
+        .expect("grpc-accept-encoding with the UNIMPLEMENTED")
+        .split(',')
+        .map(str::trim)
+        .collect();
+    assert!(
+        accepted.contains(&"gzip") && accepted.contains(&"deflate"),
+        "{accepted:?}"
+    );
+
+    let compressed = grpc_frame(true, &compress("gzip", &msg));
+    let r = raw_check(addr, &[], compressed.clone()).await;
+    assert_eq!(
+        r.code,
+        Code::Internal,
+        "compressed flag, no grpc-encoding: {r:?}"
+    );
+    let r = raw_check(addr, &[("grpc-encoding", "identity")], compressed).await;
+    assert_eq!(r.code, Code::Internal, "compressed flag, identity: {r:?}");
+
+    let r = raw_check(
+        addr,
+        &[("grpc-encoding", "gzip")],
+        grpc_frame(true, b"this is not gzip data at all"),
+    )
+    .await;
+    assert_eq!(r.code, Code::Internal, "corrupt gzip: {r:?}");
+
+    // 16 MiB of zeros gzips to ~16 KiB, well within the 64 KiB limit on the request as sent: only the
+    // cap on the decompressed size stops it.
+    let bomb = compress("gzip", &vec![0u8; 16 << 20]);
+    assert!(bomb.len() < 64 * 1024, "{}", bomb.len());
+    let r = raw_check(addr, &[("grpc-encoding", "gzip")], grpc_frame(true, &bomb)).await;
+    assert_eq!(r.code, Code::ResourceExhausted, "zip bomb: {r:?}");
+    // Just under the cap is fine: a service name of 4000 bytes is read (and is no cluster).
+    let big = check_request(&"x".repeat(4000));
+    let r = raw_check(
+        addr,
+        &[("grpc-encoding", "deflate")],
+        grpc_frame(true, &compress("deflate", &big)),
+    )
+    .await;
+    assert_eq!(r.code, Code::NotFound, "{r:?}");
+
+    // The proxy still answers after all that.
+    let r = raw_check(addr, &[], grpc_frame(false, &msg)).await;
+    assert_eq!(r.status, Some(PbStatus::Serving), "{r:?}");
 }
