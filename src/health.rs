@@ -193,18 +193,41 @@ async fn check_once(
     request: &HealthCheckRequest,
     timeout: Duration,
 ) -> Result<(), String> {
-    match tokio::time::timeout(timeout, client.check(request.clone())).await {
-        Err(_) => Err(format!(
-            "health check timed out after {}ms",
-            timeout.as_millis()
-        )),
-        Ok(Err(status)) => Err(format!(
-            "health check failed: {} {}",
-            status.code(),
-            status.message()
-        )),
-        Ok(Ok(resp)) => serving(resp.get_ref()),
+    // A Check the endpoint refused unprocessed (a GOAWAY that crossed it, as when the endpoint closes
+    // an idle connection, or REFUSED_STREAM) says nothing about its health: ask once more at once.
+    let mut asked_again = false;
+    loop {
+        return match tokio::time::timeout(timeout, client.check(request.clone())).await {
+            Err(_) => Err(format!(
+                "health check timed out after {}ms",
+                timeout.as_millis()
+            )),
+            Ok(Err(status)) if !asked_again && refused(&status) => {
+                asked_again = true;
+                continue;
+            }
+            Ok(Err(status)) => Err(format!(
+                "health check failed: {} {}",
+                status.code(),
+                status.message()
+            )),
+            Ok(Ok(resp)) => serving(resp.get_ref()),
+        };
     }
+}
+
+/// Whether a call failed because the server refused its stream without processing it: a GOAWAY
+/// from the server whose last_stream_id is below the stream, or RST_STREAM(REFUSED_STREAM).
+fn refused(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(e) = e.downcast_ref::<h2::Error>() {
+            return e.is_remote()
+                && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM));
+        }
+        source = e.source();
+    }
+    false
 }
 
 fn serving(resp: &HealthCheckResponse) -> Result<(), String> {

@@ -1288,3 +1288,60 @@ async fn proxy_health_check_decompresses_gzip_and_deflate_and_rejects_the_rest()
     let r = raw_check(addr, &[], grpc_frame(false, &msg)).await;
     assert_eq!(r.status, Some(PbStatus::Serving), "{r:?}");
 }
+
+/// A poll-mode Check that the endpoint refused without processing it (REFUSED_STREAM here; a GOAWAY
+/// crossing the Check as an idle connection is closed is the same) is asked again at once and is not
+/// counted as a failure. The endpoint, a raw h2 server, refuses every other Check and answers the rest
+/// SERVING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_poll_check_is_asked_again_not_counted() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ep = listener.local_addr().unwrap();
+    let seen = Arc::new(AtomicU64::new(0));
+    let seen2 = seen.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    if seen.fetch_add(1, SeqCst) % 2 == 0 {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let head = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(())
+                        .unwrap();
+                    let mut s = respond.send_response(head, false).unwrap();
+                    // HealthCheckResponse { status: SERVING }, length-prefixed.
+                    let _ = s.send_data(Bytes::from_static(&[0, 0, 0, 0, 2, 0x08, 0x01]), false);
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", "0".parse().unwrap());
+                    let _ = s.send_trailers(trailers);
+                }
+            });
+        }
+    });
+    let gw = start(&config_text(
+        &[ep],
+        "round_robin",
+        "",
+        &health_check("50ms", "1s", "")
+            .replace("unhealthy_threshold = 2", "unhealthy_threshold = 1"),
+    ))
+    .await;
+    let (s, _) = wait_for(&gw, WAIT, "8 successful checks", |s| {
+        checks(s, ep, "success") >= 8.0
+    })
+    .await;
+    assert_eq!(checks(&s, ep, "failure"), 0.0);
+    assert_eq!(healthy(&s, ep), 1.0);
+    assert!(
+        seen.load(SeqCst) >= 16,
+        "every check was refused once first"
+    );
+    server.abort();
+}
