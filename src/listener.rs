@@ -30,6 +30,8 @@ use crate::worker::{self, Spawner};
 
 /// The HTTP/2 connection preface every h2 client sends first (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Most connection window a client gets (64 streams' worth): see `handshake`.
+const MAX_CONNECTION_WINDOW: u32 = 64 * upstream::STREAM_WINDOW;
 /// How long a new connection may take to finish TLS and send the preface.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -369,9 +371,12 @@ impl ConnectionHandler {
         };
         h2::server::Builder::new()
             .initial_window_size(upstream::STREAM_WINDOW)
-            .initial_connection_window_size(upstream::connection_window(
-                self.max_concurrent_streams,
-            ))
+            // Capped: a client decides how many streams it fills, so an uncapped window would let one
+            // connection park a GiB of request bodies (1,024 streams × 1 MiB) in front of slow backends.
+            // Stalled uploads beyond 64 hold up only that client's own connection.
+            .initial_connection_window_size(
+                upstream::connection_window(self.max_concurrent_streams).min(MAX_CONNECTION_WINDOW),
+            )
             .max_concurrent_streams(self.max_concurrent_streams)
             .max_concurrent_reset_streams(crate::upstream::RESET_STREAM_MEMORY)
             .handshake::<_, Bytes>(io)

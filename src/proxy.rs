@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use h2::client::SendRequest;
 use h2::server::SendResponse;
 use h2::{Reason, RecvStream, SendStream};
@@ -154,8 +154,8 @@ fn forward<'a>(
                 Ok(x) => x,
                 Err(e) => {
                     lease.discard();
-                    // Nothing was sent: always safe to try again.
-                    if refusals < MAX_REFUSALS {
+                    // The connection went away before anything was sent: safe to try again.
+                    if (e.is_go_away() || e.is_io()) && refusals < MAX_REFUSALS {
                         refusals += 1;
                         continue;
                     }
@@ -193,6 +193,10 @@ fn forward<'a>(
             };
             match response {
                 Some(Err(e)) if refused(&e) && refusals < MAX_REFUSALS && replay.is_complete() => {
+                    // A client that reset its stream meanwhile must not have its call sent again.
+                    if poll_fn(|cx| Poll::Ready(respond.poll_reset(cx).is_ready())).await {
+                        return (Some(idx), Code::Cancelled);
+                    }
                     tracing::debug!(endpoint = %endpoint.address, error = %e, "upstream refused the stream; sending the call again");
                     if e.is_go_away() {
                         lease.discard();
@@ -391,9 +395,10 @@ async fn acquire(
             break;
         }
         let next = cluster.pick().filter(|j| !tried.contains(j)).or_else(|| {
-            (1..n)
-                .map(|k| (i + k) % n)
-                .find(|j| !tried.contains(j) && cluster.endpoints[*j].is_available())
+            (1..n).map(|k| (i + k) % n).find(|j| {
+                !tried.contains(j)
+                    && (cluster.is_panicking() || cluster.endpoints[*j].is_available())
+            })
         });
         match next {
             Some(j) => i = j,
@@ -632,14 +637,13 @@ const MAX_REFUSALS: u32 = 2;
 const REPLAY_LIMIT: usize = 64 * 1024;
 
 /// The request body read from the client so far, kept until the upstream's response headers arrive so
-/// that a call the upstream refused can be sent again. Holds the frames' own `Bytes` (shared, not
-/// copied); their flow-control credit goes back to the client as usual, so the client is not slowed.
+/// that a call the upstream refused can be sent again. A copy: a frame's `Bytes` share h2's 32 KiB read
+/// buffer, which a call waiting long for its response headers (a server stream whose first message is
+/// minutes away) would otherwise keep alive. The frames' flow-control credit goes back to the client as
+/// usual, so the client is not slowed.
 #[derive(Default)]
 struct Replay {
-    /// Most calls send one message: the first frame needs no allocation.
-    first: Option<Bytes>,
-    more: Vec<Bytes>,
-    len: usize,
+    data: BytesMut,
     given_up: bool,
 }
 
@@ -648,24 +652,20 @@ impl Replay {
         if self.given_up {
             return;
         }
-        self.len += chunk.len();
-        if self.len > REPLAY_LIMIT {
+        if self.data.len() + chunk.len() > REPLAY_LIMIT {
             self.give_up();
-        } else if self.first.is_none() {
-            self.first = Some(chunk.clone());
         } else {
-            self.more.push(chunk.clone());
+            self.data.extend_from_slice(chunk);
         }
     }
 
     fn give_up(&mut self) {
         self.given_up = true;
-        self.first = None;
-        self.more = Vec::new();
+        self.data = BytesMut::new();
     }
 
     fn is_empty(&self) -> bool {
-        self.first.is_none()
+        self.data.is_empty()
     }
 
     /// Whether everything read from the client so far is here.
@@ -676,11 +676,10 @@ impl Replay {
     /// Sends the recorded body on a new upstream stream, ending it if the client's body has ended.
     /// Sent without waiting for window: it is at most `REPLAY_LIMIT` bytes, which h2 queues.
     fn send(&self, dst: &mut SendStream<Bytes>, ended: bool) -> Result<(), h2::Error> {
-        let mut chunks = self.first.iter().chain(&self.more).peekable();
-        while let Some(chunk) = chunks.next() {
-            dst.send_data(chunk.clone(), ended && chunks.peek().is_none())?;
+        if self.data.is_empty() && !ended {
+            return Ok(());
         }
-        Ok(())
+        dst.send_data(Bytes::copy_from_slice(&self.data), ended)
     }
 }
 

@@ -792,7 +792,7 @@ async fn watch_mode_reopens_a_stream_whose_connection_rotated_without_counting_a
         &[ep],
         "round_robin",
         "",
-        "[clusters.health_check]\ninterval = \"30s\"\ntimeout = \"1s\"\nunhealthy_threshold = 1\n\
+        "[clusters.health_check]\ninterval = \"30s\"\ntimeout = \"5s\"\nunhealthy_threshold = 1\n\
          healthy_threshold = 1\nmode = \"watch\"\n",
     ))
     .await;
@@ -850,8 +850,9 @@ async fn watch_mode_reopens_a_stream_whose_connection_rotated_without_counting_a
     server.stop.cancel();
     let s = wait_health(&gw, &[ep], &[false]).await;
     assert_eq!(checks(&s, ep, "failure"), failures + 1.0);
-    // An observation window, not a synchronisation: a hot loop would count many more by now.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // An observation window, not a synchronisation: a hot loop (even one spaced by the 1 s reopen
+    // spacing) would count more by now.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let s = scrape(&gw).await;
     assert_eq!(
         checks(&s, ep, "failure"),

@@ -270,17 +270,21 @@ impl Cluster {
 
     /// Picks the endpoint for the next call: an available one, or any one in panic mode.
     pub fn pick(&self) -> Option<usize> {
-        let available = self.available.load(Ordering::Relaxed);
-        let panic = self.panic_threshold > 0
-            && (available as u64) * 100
-                < u64::from(self.panic_threshold) * self.endpoints.len() as u64;
-        if panic {
+        if self.is_panicking() {
             return self.balancer.pick(&self.endpoints, Eligible::All);
         }
-        if available == 0 {
+        if self.available.load(Ordering::Relaxed) == 0 {
             return None;
         }
         self.balancer.pick(&self.endpoints, Eligible::Available)
+    }
+
+    /// Whether too few endpoints are available (`panic_threshold`), so that every endpoint is picked.
+    pub fn is_panicking(&self) -> bool {
+        let available = self.available.load(Ordering::Relaxed);
+        self.panic_threshold > 0
+            && (available as u64) * 100
+                < u64::from(self.panic_threshold) * self.endpoints.len() as u64
     }
 
     /// Whether at least one endpoint is available.

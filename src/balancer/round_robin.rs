@@ -70,21 +70,20 @@ impl Balance for RoundRobin {
         if len == 0 {
             return None;
         }
-        // All available: the first slot is taken. An ineligible endpoint's slot is used up like any
-        // other, so its share spreads over the rest in schedule order; walking on from it to the next
-        // eligible entry would hand that endpoint's whole share to the one after it.
-        let mut slot = self.next.fetch_add(1, Ordering::Relaxed);
-        for _ in 0..len {
-            let i = self.schedule[slot % len] as usize;
-            if eligible.accepts(&endpoints[i]) {
-                return Some(i);
-            }
-            slot = self.next.fetch_add(1, Ordering::Relaxed);
+        // All available: the first slot is taken. Otherwise take the next eligible slot and move the
+        // counter past the ineligible ones too, so they are used up like any other: an unavailable
+        // endpoint's share then spreads over the rest in schedule order, where walking on to the next
+        // eligible entry alone would hand its whole share to the one after it.
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let first = self.schedule[start % len] as usize;
+        if eligible.accepts(&endpoints[first]) {
+            return Some(first);
         }
-        // Concurrent picks took every eligible slot we might have had: walk on from here.
-        (0..len)
-            .map(|k| self.schedule[slot.wrapping_add(k) % len] as usize)
-            .find(|&i| eligible.accepts(&endpoints[i]))
+        let (skipped, i) = (1..len)
+            .map(|k| (k, self.schedule[start.wrapping_add(k) % len] as usize))
+            .find(|&(_, i)| eligible.accepts(&endpoints[i]))?;
+        self.next.fetch_add(skipped, Ordering::Relaxed);
+        Some(i)
     }
 }
 
