@@ -280,6 +280,16 @@ impl Drop for GoawayUpstream {
 }
 
 async fn goaway_upstream(reason: h2::Reason, refuse: bool) -> GoawayUpstream {
+    goaway_upstream_answering(reason, refuse, false).await
+}
+
+/// [`goaway_upstream`] that, with `answer_first`, puts a whole trailers-only response (grpc-status 3)
+/// before the GOAWAY, in the same write.
+async fn goaway_upstream_answering(
+    reason: h2::Reason,
+    refuse: bool,
+    answer_first: bool,
+) -> GoawayUpstream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -318,7 +328,21 @@ async fn goaway_upstream(reason: h2::Reason, refuse: bool) -> GoawayUpstream {
                             } else {
                                 stream
                             };
-                            let mut frame = vec![0, 0, 8, 7, 0, 0, 0, 0, 0];
+                            let mut frame = Vec::new();
+                            if answer_first {
+                                // HPACK: :status 200 (static 8); content-type (static name 31)
+                                // application/grpc; grpc-status 3, literal. END_STREAM | END_HEADERS.
+                                let mut block = vec![0x88, 0x0f, 0x10, 16];
+                                block.extend_from_slice(b"application/grpc");
+                                block.extend_from_slice(&[0x00, 11]);
+                                block.extend_from_slice(b"grpc-status");
+                                block.extend_from_slice(&[1, b'3']);
+                                frame.extend_from_slice(&(block.len() as u32).to_be_bytes()[1..]);
+                                frame.extend_from_slice(&[1, 0x5]);
+                                frame.extend_from_slice(&stream.to_be_bytes());
+                                frame.extend_from_slice(&block);
+                            }
+                            frame.extend_from_slice(&[0, 0, 8, 7, 0, 0, 0, 0, 0]);
                             frame.extend_from_slice(&last.to_be_bytes());
                             frame.extend_from_slice(&u32::from(reason).to_be_bytes());
                             tcp.write_all(&frame).await?;
@@ -893,6 +917,25 @@ async fn upstream_error_goaway_fails_calls_at_once() {
         "a call on an errored connection was sent again"
     );
     wait_settled(&gw, &[("UNAVAILABLE", 3)]).await;
+}
+
+/// A whole trailers-only answer that arrives in the same read as the upstream's error GOAWAY reaches the
+/// client with its own status, even for a call whose request is still open (the connection error must
+/// not hide an END_STREAM already received).
+#[tokio::test]
+async fn answer_before_error_goaway_keeps_its_status() {
+    let up = goaway_upstream_answering(h2::Reason::INTERNAL_ERROR, false, true).await;
+    let gw = start(&config_with(&[up.addr], "")).await;
+    let mut c = edge_client(&gw).await;
+    let (tx, rx) = mpsc::channel::<EchoRequest>(1);
+    tx.send(msg(b"x")).await.unwrap();
+    // `tx` stays alive: the request is still open when the answer comes.
+    let s = expect_err(bounded(c.client_stream(ReceiverStream::new(rx))).await);
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    // As a trailers-only answer: a client reading grpc-status from the headers (tonic) cannot tell,
+    // but the proxy's own count shows what it forwarded.
+    wait_settled(&gw, &[("INVALID_ARGUMENT", 1)]).await;
+    drop(tx);
 }
 
 /// A stream the upstream refused without processing it is sent again, body included, to the endpoint

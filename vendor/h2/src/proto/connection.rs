@@ -605,9 +605,14 @@ where
                 // Streams above last_stream_id already failed as refused (remote GOAWAY); these get an
                 // I/O error, since the peer may have processed them.
                 if frame.reason() != Reason::NO_ERROR {
+                    let debug = String::from_utf8_lossy(frame.debug_data());
                     self.streams.handle_error(Error::Io(
                         std::io::ErrorKind::ConnectionAborted,
-                        Some(format!("peer sent GOAWAY({:?})", frame.reason())),
+                        Some(if debug.is_empty() {
+                            format!("peer sent GOAWAY({:?})", frame.reason())
+                        } else {
+                            format!("peer sent GOAWAY({:?}, {debug:?})", frame.reason())
+                        }),
                     ));
                     *self.error = Some(frame);
                     return Ok(ReceivedFrame::Done);

@@ -299,6 +299,13 @@ impl State {
     pub fn handle_error(&mut self, err: &proto::Error) {
         match self.inner {
             Closed(..) => {}
+            // grpcgate patch: the peer had already ended its side (a whole response received) when the
+            // connection failed: keep that END_STREAM readable, as `recv_reset` does, rather than turn
+            // a complete response into an error.
+            HalfClosedRemote(..) => {
+                tracing::trace!("handle_error after EOS; err={:?}", err);
+                self.inner = Closed(Cause::ErrorAfterEndStream(err.clone()));
+            }
             _ => {
                 tracing::trace!("handle_error; err={:?}", err);
                 self.inner = Closed(Cause::Error(err.clone()));
