@@ -27,6 +27,7 @@ pub struct Metrics {
     healthy: IntGaugeVec,
     health_checks: IntCounterVec,
     ejections: IntCounterVec,
+    refused: IntCounterVec,
     reloads: IntCounterVec,
     downstream_connections: IntGaugeVec,
 }
@@ -92,6 +93,14 @@ impl Metrics {
             &["cluster", "endpoint"],
         )
         .expect("valid metric");
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "grpcgate_upstream_refused_total",
+                "Calls an endpoint refused without processing them (GOAWAY, REFUSED_STREAM); each was sent again or failed.",
+            ),
+            &["cluster", "endpoint"],
+        )
+        .expect("valid metric");
         let reloads = IntCounterVec::new(
             Opts::new(
                 "grpcgate_config_reloads_total",
@@ -100,7 +109,7 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
-        for c in [&requests, &health_checks, &ejections, &reloads] {
+        for c in [&requests, &health_checks, &ejections, &refused, &reloads] {
             registry
                 .register(Box::new(c.clone()))
                 .expect("unique metric");
@@ -121,6 +130,7 @@ impl Metrics {
             healthy,
             health_checks,
             ejections,
+            refused,
             reloads,
             downstream_connections,
         })
@@ -186,6 +196,11 @@ impl Metrics {
     /// The ejection counter of an endpoint.
     pub fn ejections(&self, cluster: &str, endpoint: &str) -> IntCounter {
         self.ejections.with_label_values(&[cluster, endpoint])
+    }
+
+    /// The counter of calls an endpoint refused unprocessed.
+    pub fn refused(&self, cluster: &str, endpoint: &str) -> IntCounter {
+        self.refused.with_label_values(&[cluster, endpoint])
     }
 
     /// Counts a config reload attempt.

@@ -191,6 +191,11 @@ fn forward<'a>(
                     }
                 }
             };
+            if let Some(Err(e)) = &response {
+                if refused(e) {
+                    endpoint.refused.inc();
+                }
+            }
             match response {
                 Some(Err(e)) if refused(&e) && refusals < MAX_REFUSALS && replay.is_complete() => {
                     // A client that reset its stream meanwhile must not have its call sent again.

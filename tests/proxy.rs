@@ -968,6 +968,15 @@ async fn refused_streams_are_sent_again() {
     let backend = b[0].addr.to_string();
     let ok = [("endpoint", backend.as_str()), ("grpc_status", "OK")];
     wait_sample(&gw, "grpcgate_requests_total", &ok, 8.0).await;
+    // Every refusal is counted, against the endpoint that refused.
+    let refuser_addr = refuser.addr.to_string();
+    wait_sample(
+        &gw,
+        "grpcgate_upstream_refused_total",
+        &[("endpoint", refuser_addr.as_str())],
+        refuser.headers_seen.load(SeqCst) as f64,
+    )
+    .await;
 
     let up = raw_upstream().await;
     let gw = start(&config_with(&[up.addr, b[0].addr], "")).await;

@@ -11,7 +11,7 @@ mod shortest_queue;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use prometheus::{Histogram, IntGauge};
+use prometheus::{Histogram, IntCounter, IntGauge};
 
 use crate::config::{BalancerKind, ClusterConfig, EndpointConfig};
 use crate::health::OutlierDetector;
@@ -86,6 +86,8 @@ pub struct Endpoint {
     cluster_available: Arc<AtomicUsize>,
     in_flight_gauge: IntGauge,
     healthy_gauge: IntGauge,
+    /// `grpcgate_upstream_refused_total` of this endpoint.
+    pub refused: IntCounter,
 }
 
 impl Endpoint {
@@ -120,6 +122,7 @@ impl Endpoint {
             cluster_available,
             in_flight_gauge: metrics.in_flight(&cluster.name, &config.address),
             healthy_gauge,
+            refused: metrics.refused(&cluster.name, &config.address),
         }
     }
 
