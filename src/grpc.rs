@@ -108,6 +108,18 @@ pub static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 pub static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 /// `grpc-timeout`
 pub static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+/// `grpc-encoding`: how a stream's messages are compressed.
+pub static GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
+/// `grpc-accept-encoding`: the encodings a peer can read.
+pub static GRPC_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("grpc-accept-encoding");
+
+/// Whether an HTTP/2 error says the peer refused the stream before any processing, so that the call
+/// may be sent again: a GOAWAY whose last_stream_id is below it (RFC 9113 §6.8), or
+/// RST_STREAM(REFUSED_STREAM) (§8.7).
+pub fn refused(e: &h2::Error) -> bool {
+    e.is_remote()
+        && (e.is_go_away() || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)))
+}
 
 /// A status the proxy itself produces, with a human-readable message.
 #[derive(Debug, Clone)]

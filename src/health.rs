@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use h2::server::SendResponse;
 use h2::RecvStream;
-use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Request, Response};
 use prometheus::IntCounter;
 use prost::Message;
@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::balancer::{Cluster, Endpoint};
 use crate::config::{HealthCheckConfig, HealthCheckMode, OutlierConfig};
-use crate::grpc::{Code, Status};
+use crate::grpc::{self, Code, Status, GRPC_ACCEPT_ENCODING, GRPC_ENCODING};
 use crate::metrics::Metrics;
 use crate::pb::health::health_check_response::ServingStatus;
 use crate::pb::health::health_client::HealthClient;
@@ -216,14 +216,13 @@ async fn check_once(
     }
 }
 
-/// Whether a call failed because the server refused its stream without processing it: a GOAWAY
-/// from the server whose last_stream_id is below the stream, or RST_STREAM(REFUSED_STREAM).
+/// Whether a call failed because the server refused its stream without processing it
+/// ([`grpc::refused`], on the HTTP/2 error under the status).
 fn refused(status: &tonic::Status) -> bool {
     let mut source = std::error::Error::source(status);
     while let Some(e) = source {
         if let Some(e) = e.downcast_ref::<h2::Error>() {
-            return e.is_remote()
-                && (e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM));
+            return grpc::refused(e);
         }
         source = e.source();
     }
@@ -451,11 +450,8 @@ impl OutlierDetector {
     }
 }
 
-/// `grpc-encoding`: how a request's messages are compressed.
-static GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
-/// `grpc-accept-encoding`: the encodings the proxy's own `Health/Check` accepts, sent with every answer
-/// (the gRPC compression spec asks for it with the UNIMPLEMENTED of an unsupported encoding).
-static GRPC_ACCEPT_ENCODING: HeaderName = HeaderName::from_static("grpc-accept-encoding");
+/// The encodings the proxy's own `Health/Check` accepts, sent as `grpc-accept-encoding` with every
+/// answer (the gRPC compression spec asks for it with the UNIMPLEMENTED of an unsupported encoding).
 const ACCEPTED_ENCODINGS: &str = "identity,deflate,gzip";
 /// A compressed health check request may grow to this much when decompressed: a HealthCheckRequest
 /// is one service name, so this is plenty and a zip bomb stops here.

@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use h2::client::SendRequest;
 use h2::server::SendResponse;
-use h2::{Reason, RecvStream, SendStream};
+use h2::{RecvStream, SendStream};
 use http::header::CONTENT_TYPE;
 use http::request;
 use http::uri::{Parts, Scheme};
@@ -23,7 +23,7 @@ use http::{Request, Response, StatusCode, Uri};
 use tokio::time::Instant;
 
 use crate::balancer::{Cluster, Endpoint, InFlight};
-use crate::grpc::{self, Code, Status, GRPC_STATUS, GRPC_TIMEOUT};
+use crate::grpc::{self, refused, Code, Status, GRPC_STATUS, GRPC_TIMEOUT};
 use crate::health;
 use crate::router::{Route, Router};
 use crate::upstream::Lease;
@@ -686,13 +686,6 @@ impl Replay {
         }
         dst.send_data(Bytes::copy_from_slice(&self.data), ended)
     }
-}
-
-/// Whether an upstream error says the stream was refused before any processing: a GOAWAY whose
-/// last_stream_id is below it (RFC 9113 §6.8), or RST_STREAM(REFUSED_STREAM) (§8.7).
-fn refused(e: &h2::Error) -> bool {
-    e.is_remote()
-        && (e.is_go_away() || (e.is_reset() && e.reason() == Some(Reason::REFUSED_STREAM)))
 }
 
 /// The request to send upstream for the client's `head`: a copy (the head is kept for sending the call
