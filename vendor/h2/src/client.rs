@@ -540,6 +540,36 @@ where
             })
     }
 
+    /// grpcgate patch: `send_request` for a request that may be sent again if the server refuses
+    /// it unprocessed (a GOAWAY whose last stream id is below it, or `REFUSED_STREAM`).
+    ///
+    /// The stream keeps the request head it writes until the response head arrives, instead of
+    /// dropping it once encoded, and [`ResponseFuture::take_request_head`] hands it back; so the
+    /// caller need not keep a copy of every request for the few that are refused. When the
+    /// request fails before anything of it was queued (the connection is already going away),
+    /// the error comes with the request itself.
+    pub fn send_retryable_request(
+        &mut self,
+        request: Request<()>,
+        end_of_stream: bool,
+    ) -> Result<(ResponseFuture, SendStream<B>), (crate::Error, Option<Request<()>>)> {
+        self.inner
+            .send_retryable_request(request, end_of_stream, self.pending.as_ref())
+            .map_err(|(e, request)| (e.into(), request))
+            .map(|(stream, is_full)| {
+                if stream.is_pending_open() && is_full {
+                    self.pending = Some(stream.clone_to_opaque());
+                }
+
+                let response = ResponseFuture {
+                    inner: stream.clone_to_opaque(),
+                    push_promise_consumed: false,
+                };
+
+                (response, SendStream::new(stream))
+            })
+    }
+
     /// Returns whether the [extended CONNECT protocol][1] is enabled or not.
     ///
     /// This setting is configured by the server peer by sending the
@@ -1513,6 +1543,14 @@ impl Future for ResponseFuture {
 }
 
 impl ResponseFuture {
+    /// grpcgate patch: the head of a request sent with
+    /// [`SendRequest::send_retryable_request`], as it was written, if its response head has not
+    /// arrived (`None` once it has, or once taken). The head of a request that a GOAWAY or
+    /// `REFUSED_STREAM` refused unprocessed, to send again.
+    pub fn take_request_head(&mut self) -> Option<Request<()>> {
+        self.inner.take_sent_head()
+    }
+
     /// Returns the stream ID of the response stream.
     ///
     /// # Panics

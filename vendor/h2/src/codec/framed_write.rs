@@ -142,6 +142,11 @@ where
         self.encoder.buffer(item)
     }
 
+    /// grpcgate patch: see `Encoder::buffer_kept_headers`.
+    pub fn buffer_kept_headers(&mut self, item: frame::Headers) -> Box<frame::HeaderBlock> {
+        self.encoder.buffer_kept_headers(item)
+    }
+
     /// Flush buffered data to the wire
     pub fn flush(&mut self, cx: &mut Context) -> Poll<io::Result<()>> {
         let span = tracing::trace_span!("FramedWrite::flush");
@@ -239,12 +244,29 @@ where
         }
     }
 
-    fn buffer(&mut self, item: Frame<B>) -> Result<(), UserError> {
+    /// grpcgate patch: buffers a request's HEADERS and gives its block back, for the stream to keep
+    /// until the response head arrives (`frame::Headers::keep_block`).
+    fn buffer_kept_headers(&mut self, v: frame::Headers) -> Box<frame::HeaderBlock> {
+        self.prepare_buffer();
+        tracing::debug!(frame = ?v, "send");
+        let mut buf = limited_write_buf!(self);
+        if let Some(continuation) = v.encode(&mut self.hpack, &mut buf) {
+            self.next = Some(Next::Continuation(continuation));
+        }
+        v.into_header_block()
+    }
+
+    #[inline]
+    fn prepare_buffer(&mut self) {
         // Ensure that we have enough capacity to accept the write.
         assert!(self.has_capacity());
         if self.buf.get_ref().capacity() == 0 {
             *self.buf.get_mut() = BytesMut::with_capacity(DEFAULT_BUFFER_CAPACITY);
         }
+    }
+
+    fn buffer(&mut self, item: Frame<B>) -> Result<(), UserError> {
+        self.prepare_buffer();
         let span = tracing::trace_span!("FramedWrite::buffer", frame = ?item);
         let _e = span.enter();
 

@@ -156,6 +156,11 @@ where
         self.framed_write().buffer(item)
     }
 
+    /// grpcgate patch: buffers a request's HEADERS and gives its block back (`keep_block`).
+    pub fn buffer_kept_headers(&mut self, item: frame::Headers) -> Box<frame::HeaderBlock> {
+        self.framed_write().buffer_kept_headers(item)
+    }
+
     /// Flush buffered data to the wire
     pub fn flush(&mut self, cx: &mut Context) -> Poll<io::Result<()>> {
         self.framed_write().flush(cx)

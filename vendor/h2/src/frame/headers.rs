@@ -38,6 +38,11 @@ pub struct Headers {
 
     /// The associated flags
     flags: HeadersFlag,
+
+    /// grpcgate patch: a request's HEADERS whose block the stream keeps once it is written, until
+    /// the response head arrives, so that a refused request can be sent again without the caller
+    /// keeping a copy (`SendRequest::send_retryable_request`).
+    keep_block: bool,
 }
 
 #[derive(Copy, Clone, Eq, PartialEq)]
@@ -93,8 +98,10 @@ pub struct Iter {
     fields: header::IntoIter<HeaderValue>,
 }
 
+/// The decoded or to-be-encoded fields of a header block (grpcgate patch: `pub(crate)`, kept by a
+/// stream as its sent request head).
 #[derive(Debug, PartialEq, Eq)]
-struct HeaderBlock {
+pub(crate) struct HeaderBlock {
     /// The decoded header fields
     fields: HeaderMap,
 
@@ -135,6 +142,7 @@ impl Headers {
                 pseudo,
             }),
             flags: HeadersFlag::default(),
+            keep_block: false,
         }
     }
 
@@ -152,6 +160,7 @@ impl Headers {
                 pseudo: Pseudo::default(),
             }),
             flags,
+            keep_block: false,
         }
     }
 
@@ -217,6 +226,7 @@ impl Headers {
                 pseudo: Pseudo::default(),
             }),
             flags,
+            keep_block: false,
         };
 
         Ok((headers, src))
@@ -282,8 +292,24 @@ impl Headers {
         self.header_block.fields
     }
 
+    /// grpcgate patch: see `keep_block`.
+    pub(crate) fn set_keep_block(&mut self) {
+        self.keep_block = true;
+    }
+
+    /// grpcgate patch: see `keep_block`.
+    pub(crate) fn is_keep_block(&self) -> bool {
+        self.keep_block
+    }
+
+    /// grpcgate patch: the block alone, for a stream to keep (`keep_block`).
+    pub(crate) fn into_header_block(self) -> Box<HeaderBlock> {
+        self.header_block
+    }
+
+    /// grpcgate patch: takes `&self`, so that a written request's block can be kept.
     pub fn encode(
-        self,
+        &self,
         encoder: &mut hpack::Encoder,
         dst: &mut EncodeBuf<'_>,
     ) -> Option<Continuation> {
@@ -905,6 +931,32 @@ impl fmt::Debug for PushPromiseFlag {
 // ===== HeaderBlock =====
 
 impl HeaderBlock {
+    /// grpcgate patch: the request this block was encoded from, to send again (its extensions,
+    /// but for `:protocol`, are gone). `None` for a block that is not a request's.
+    pub(crate) fn into_request(self) -> Option<Request<()>> {
+        let HeaderBlock { fields, pseudo, .. } = self;
+        let mut parts = uri::Parts::default();
+        if let Some(scheme) = pseudo.scheme {
+            parts.scheme = Some(uri::Scheme::try_from(scheme.as_str()).ok()?);
+        }
+        if let Some(authority) = pseudo.authority {
+            parts.authority = Some(uri::Authority::from_maybe_shared(authority.into_inner()).ok()?);
+        }
+        if let Some(path) = pseudo.path {
+            parts.path_and_query =
+                Some(uri::PathAndQuery::from_maybe_shared(path.into_inner()).ok()?);
+        }
+        let mut request = Request::new(());
+        *request.method_mut() = pseudo.method?;
+        *request.uri_mut() = Uri::from_parts(parts).ok()?;
+        *request.version_mut() = http::Version::HTTP_2;
+        *request.headers_mut() = fields;
+        if let Some(protocol) = pseudo.protocol {
+            request.extensions_mut().insert(protocol);
+        }
+        Some(request)
+    }
+
     fn load(
         &mut self,
         src: &mut BytesMut,

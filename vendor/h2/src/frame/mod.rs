@@ -54,7 +54,7 @@ pub use self::head::{Head, Kind};
 pub use self::headers::{
     parse_u64, Continuation, Headers, Pseudo, PushPromise, PushPromiseHeaderError,
 };
-pub(crate) use self::headers::PseudoCache;
+pub(crate) use self::headers::{HeaderBlock, PseudoCache};
 pub use self::ping::Ping;
 pub use self::priority::{Priority, StreamDependency};
 pub use self::reason::Reason;

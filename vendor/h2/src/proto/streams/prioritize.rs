@@ -539,10 +539,22 @@ impl Prioritize {
                     tracing::trace!(?frame, "writing");
 
                     debug_assert_eq!(self.in_flight_data_frame, InFlightData::Nothing);
-                    if let Frame::Data(ref frame) = frame {
-                        self.in_flight_data_frame = InFlightData::DataFrame(frame.payload().stream);
+                    match frame {
+                        Frame::Data(ref data) => {
+                            self.in_flight_data_frame =
+                                InFlightData::DataFrame(data.payload().stream);
+                            dst.buffer(frame).expect("invalid frame");
+                        }
+                        Frame::Headers(headers) if headers.is_keep_block() => {
+                            // grpcgate patch: the stream keeps the request head it wrote.
+                            let id = headers.stream_id();
+                            let block = dst.buffer_kept_headers(headers);
+                            if let Some(mut stream) = store.find_mut(&id) {
+                                stream.sent_head = Some(block);
+                            }
+                        }
+                        frame => dst.buffer(frame).expect("invalid frame"),
                     }
-                    dst.buffer(frame).expect("invalid frame");
 
                     // Small DATA frames can be fully encoded by `buffer`,
                     // which records completion in a single codec slot. Reclaim
@@ -671,6 +683,13 @@ impl Prioritize {
         // TODO: make this more efficient?
         while let Some(frame) = stream.pending_send.pop_front(buffer) {
             tracing::trace!(?frame, "dropping");
+            // grpcgate patch: a request head never written is kept as if it had been, for the
+            // request to be sent again (a GOAWAY refused it before it left).
+            if let Frame::Headers(headers) = frame {
+                if headers.is_keep_block() {
+                    stream.sent_head = Some(headers.into_header_block());
+                }
+            }
         }
 
         stream.buffered_send_data = 0;

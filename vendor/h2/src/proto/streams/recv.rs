@@ -259,6 +259,8 @@ impl Recv {
         }
 
         if !pseudo.is_informational() {
+            // grpcgate patch: answered, so never to be sent again.
+            stream.sent_head = None;
             let message = counts
                 .peer()
                 .convert_poll_message(pseudo, fields, stream_id, &mut self.uri_cache)?;

@@ -73,6 +73,10 @@ pub(super) struct Stream {
     /// Set to true when a push is pending for this stream
     pub is_pending_push: bool,
 
+    /// grpcgate patch: the request head as written, kept until the response head arrives when it
+    /// was sent with `send_retryable_request`, so that a refused request can be sent again.
+    pub sent_head: Option<Box<frame::HeaderBlock>>,
+
     // ===== Fields related to receiving =====
     /// Next node in the accept linked list
     pub next_pending_accept: Option<store::Key>,
@@ -178,6 +182,7 @@ impl Stream {
             is_pending_open: false,
             next_open: None,
             is_pending_push: false,
+            sent_head: None,
 
             // ===== Fields related to receiving =====
             next_pending_accept: None,

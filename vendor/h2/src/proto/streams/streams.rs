@@ -267,10 +267,33 @@ where
 
     pub fn send_request(
         &mut self,
-        mut request: Request<()>,
+        request: Request<()>,
         end_of_stream: bool,
         pending: Option<&OpaqueStreamRef>,
     ) -> Result<(StreamRef<B>, bool), SendError> {
+        self.send_request_inner(request, end_of_stream, pending, false)
+            .map_err(|(e, _)| e)
+    }
+
+    /// grpcgate patch: `send_request`, keeping the request head as written until the response head
+    /// arrives (`OpaqueStreamRef::take_sent_head`), and giving the request back when it failed
+    /// before anything of it was queued.
+    pub fn send_retryable_request(
+        &mut self,
+        request: Request<()>,
+        end_of_stream: bool,
+        pending: Option<&OpaqueStreamRef>,
+    ) -> Result<(StreamRef<B>, bool), (SendError, Option<Request<()>>)> {
+        self.send_request_inner(request, end_of_stream, pending, true)
+    }
+
+    fn send_request_inner(
+        &mut self,
+        mut request: Request<()>,
+        end_of_stream: bool,
+        pending: Option<&OpaqueStreamRef>,
+        keep_head: bool,
+    ) -> Result<(StreamRef<B>, bool), (SendError, Option<Request<()>>)> {
         use super::stream::ContentLength;
         use http::Method;
 
@@ -290,27 +313,40 @@ where
         let mut send_buffer = self.send_buffer.inner.lock().unwrap();
         let send_buffer = &mut *send_buffer;
 
-        me.actions.ensure_no_conn_error()?;
-        me.actions.send.ensure_next_stream_id()?;
+        // grpcgate patch: the checks made before the request is taken apart, whose failure gives
+        // it back.
+        let opened = (|| {
+            me.actions.ensure_no_conn_error()?;
+            me.actions.send.ensure_next_stream_id()?;
 
-        // The `pending` argument is provided by the `Client`, and holds
-        // a store `Key` of a `Stream` that may have been not been opened
-        // yet.
-        //
-        // If that stream is still pending, the Client isn't allowed to
-        // queue up another pending stream. They should use `poll_ready`.
-        if let Some(stream) = pending {
-            if me.store.resolve(stream.key).is_pending_open {
-                return Err(UserError::Rejected.into());
+            // The `pending` argument is provided by the `Client`, and holds
+            // a store `Key` of a `Stream` that may have been not been opened
+            // yet.
+            //
+            // If that stream is still pending, the Client isn't allowed to
+            // queue up another pending stream. They should use `poll_ready`.
+            if let Some(stream) = pending {
+                if me.store.resolve(stream.key).is_pending_open {
+                    return Err(UserError::Rejected.into());
+                }
             }
-        }
 
-        if me.counts.peer().is_server() {
-            // Servers cannot open streams. PushPromise must first be reserved.
-            return Err(UserError::UnexpectedFrameType.into());
-        }
+            if me.counts.peer().is_server() {
+                // Servers cannot open streams. PushPromise must first be reserved.
+                return Err(UserError::UnexpectedFrameType.into());
+            }
 
-        let stream_id = me.actions.send.open()?;
+            me.actions.send.open().map_err(SendError::from)
+        })();
+        let stream_id = match opened {
+            Ok(id) => id,
+            Err(e) => {
+                if let Some(protocol) = protocol {
+                    request.extensions_mut().insert(protocol);
+                }
+                return Err((e, Some(request)));
+            }
+        };
 
         let mut stream = Stream::new(
             stream_id,
@@ -323,14 +359,17 @@ where
         }
 
         // Convert the message
-        let headers =
-            client::Peer::convert_send_message(
-                stream_id,
-                request,
-                protocol,
-                end_of_stream,
-                &mut me.pseudo_cache,
-            )?;
+        let mut headers = client::Peer::convert_send_message(
+            stream_id,
+            request,
+            protocol,
+            end_of_stream,
+            &mut me.pseudo_cache,
+        )
+        .map_err(|e| (e, None))?;
+        if keep_head {
+            headers.set_keep_block();
+        }
 
         let mut stream = me.store.insert(stream.id, stream);
 
@@ -347,7 +386,7 @@ where
         if let Err(err) = sent {
             stream.unlink();
             stream.remove();
-            return Err(err.into());
+            return Err((err.into(), None));
         }
 
         // Given that the stream has been initialized, it should not be in the
@@ -1488,6 +1527,14 @@ impl OpaqueStreamRef {
         let mut stream = me.store.resolve(self.key);
 
         me.actions.recv.poll_response(cx, &mut stream)
+    }
+
+    /// grpcgate patch: the request head kept by `send_retryable_request`, if no response head
+    /// arrived.
+    pub fn take_sent_head(&mut self) -> Option<Request<()>> {
+        let mut me = self.inner.lock().unwrap();
+        let mut stream = me.store.resolve(self.key);
+        stream.sent_head.take().and_then(|block| block.into_request())
     }
 
     /// Called by a client to check for informational responses (1xx status codes)
