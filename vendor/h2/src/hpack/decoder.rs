@@ -492,7 +492,13 @@ fn consume(buf: &mut Cursor<&mut BytesMut>) {
     // remove bytes from the internal BytesMut when they have been successfully
     // decoded. This is a more permanent cursor position, which will be
     // used to resume if decoding was only partial.
-    take(buf, 0);
+    //
+    // grpcgate patch: advanced in place. `take(buf, 0)` split off an empty `Bytes` and dropped it:
+    // a shared-refcount increment and decrement (two atomic read-modify-writes, plus promoting
+    // the buffer to shared the first time) for every header field decoded.
+    let pos = buf.position() as usize;
+    buf.get_mut().advance(pos);
+    buf.set_position(0);
 }
 
 // ===== impl Table =====

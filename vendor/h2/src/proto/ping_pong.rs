@@ -7,7 +7,7 @@ use bytes::Buf;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use tokio::io::AsyncWrite;
 
 /// Acknowledges ping requests from the remote.
@@ -16,6 +16,10 @@ pub(crate) struct PingPong {
     pending_ping: Option<PendingPing>,
     pending_pong: Option<PingPayload>,
     user_pings: Option<UserPingsRx>,
+    /// grpcgate patch: the waker last registered in `ping_task`, while it is still there (only
+    /// `UserPings::send_ping` takes it out), so that the connection's every poll need not register
+    /// it again: two atomic read-modify-writes per poll.
+    ping_task_waker: Option<Waker>,
 }
 
 #[derive(Debug)]
@@ -66,6 +70,7 @@ impl PingPong {
             pending_ping: None,
             pending_pong: None,
             user_pings: None,
+            ping_task_waker: None,
         }
     }
 
@@ -189,8 +194,15 @@ impl PingPong {
                     .0
                     .state
                     .store(USER_STATE_PENDING_PONG, Ordering::Release);
-            } else {
+                // `send_ping` took the registered waker out to wake us (or is about to).
+                self.ping_task_waker = None;
+            } else if !self
+                .ping_task_waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
                 users.0.ping_task.register(cx.waker());
+                self.ping_task_waker = Some(cx.waker().clone());
             }
         }
 

@@ -370,7 +370,7 @@ impl Stream {
     }
 
     pub fn wait_send(&mut self, cx: &Context) {
-        self.send_task = Some(cx.waker().clone());
+        set_waker(&mut self.send_task, cx.waker());
     }
 
     pub fn notify_recv(&mut self) {
@@ -599,5 +599,16 @@ impl store::Next for NextResetExpire {
 impl ContentLength {
     pub fn is_head(&self) -> bool {
         matches!(*self, Self::Head)
+    }
+}
+
+/// grpcgate patch: stores `waker` in `slot` unless the waker there already wakes the same task
+/// (`Waker::clone_from` compares first). A task that polls the same stream again while waiting, as
+/// a proxy's call task does, otherwise pays a clone and a drop of its waker, two atomic
+/// read-modify-writes, every time.
+pub(crate) fn set_waker(slot: &mut Option<Waker>, waker: &Waker) {
+    match slot {
+        Some(old) => old.clone_from(waker),
+        None => *slot = Some(waker.clone()),
     }
 }

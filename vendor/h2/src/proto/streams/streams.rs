@@ -210,7 +210,7 @@ where
                 // producer that queues another frame while the codec is being
                 // flushed will then take and wake this task.
                 if status == BufferStatus::Complete {
-                    me.actions.task = Some(cx.waker().clone());
+                    super::stream::set_waker(&mut me.actions.task, cx.waker());
                 }
 
                 status
