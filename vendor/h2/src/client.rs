@@ -522,7 +522,7 @@ where
         self.inner
             .send_request(request, end_of_stream, self.pending.as_ref())
             .map_err(Into::into)
-            .map(|(stream, is_full)| {
+            .map(|(stream, response_ref, is_full)| {
                 if stream.is_pending_open() && is_full {
                     // Only prevent sending another request when the request queue
                     // is not full.
@@ -530,7 +530,7 @@ where
                 }
 
                 let response = ResponseFuture {
-                    inner: stream.clone_to_opaque(),
+                    inner: response_ref,
                     push_promise_consumed: false,
                 };
 
@@ -556,13 +556,13 @@ where
         self.inner
             .send_retryable_request(request, end_of_stream, self.pending.as_ref())
             .map_err(|(e, request)| (e.into(), request))
-            .map(|(stream, is_full)| {
+            .map(|(stream, response_ref, is_full)| {
                 if stream.is_pending_open() && is_full {
                     self.pending = Some(stream.clone_to_opaque());
                 }
 
                 let response = ResponseFuture {
-                    inner: stream.clone_to_opaque(),
+                    inner: response_ref,
                     push_promise_consumed: false,
                 };
 
@@ -1535,8 +1535,9 @@ impl Future for ResponseFuture {
     type Output = Result<Response<RecvStream>, crate::Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let (parts, _) = ready!(self.inner.poll_response(cx))?.into_parts();
-        let body = RecvStream::new(FlowControl::new(self.inner.clone()));
+        let (response, body) = ready!(self.inner.poll_response(cx))?;
+        let (parts, _) = response.into_parts();
+        let body = RecvStream::new(FlowControl::new(body));
 
         Poll::Ready(Ok(Response::from_parts(parts, body)))
     }

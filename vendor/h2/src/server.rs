@@ -434,10 +434,10 @@ where
             return Poll::Ready(None);
         }
 
-        if let Some(inner) = self.connection.next_incoming() {
+        if let Some((inner, request, body)) = self.connection.next_incoming() {
             tracing::trace!("received incoming");
-            let (head, _) = inner.take_request().into_parts();
-            let body = RecvStream::new(FlowControl::new(inner.clone_to_opaque()));
+            let (head, _) = request.into_parts();
+            let body = RecvStream::new(FlowControl::new(body));
 
             let request = Request::from_parts(head, body);
             let respond = SendResponse { inner };
@@ -1269,7 +1269,7 @@ impl<B: Buf> SendResponse<B> {
     ) -> Result<SendStream<B>, crate::Error> {
         self.inner
             .send_response(response, end_of_stream)
-            .map(|_| SendStream::new(self.inner.clone()))
+            .map(SendStream::new)
             .map_err(Into::into)
     }
 

@@ -672,7 +672,7 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
     B: Buf,
 {
-    pub fn next_incoming(&mut self) -> Option<StreamRef<B>> {
+    pub fn next_incoming(&mut self) -> Option<(StreamRef<B>, http::Request<()>, OpaqueStreamRef)> {
         self.inner.streams.next_incoming()
     }
 

@@ -142,7 +142,10 @@ where
         Ok(())
     }
 
-    pub fn next_incoming(&mut self) -> Option<StreamRef<B>> {
+    /// The next stream the peer opened, with its request head and a second handle (for the request
+    /// body), all taken under one lock (grpcgate patch: `take_request` and `clone_to_opaque` each
+    /// locked the connection again, two atomic operations apiece, for every accepted stream).
+    pub fn next_incoming(&mut self) -> Option<(StreamRef<B>, Request<()>, OpaqueStreamRef)> {
         let mut me = self.inner.lock().unwrap();
         let me = &mut *me;
         me.actions.recv.next_incoming(&mut me.store).map(|key| {
@@ -154,17 +157,20 @@ where
             );
             // TODO: ideally, OpaqueStreamRefs::new would do this, but we're holding
             // the lock, so it can't.
-            me.refs += 1;
+            me.refs += 2;
 
             // Pending-accepted remotely-reset streams are counted.
             if stream.state.is_remote_reset() {
                 me.counts.dec_num_remote_reset_streams();
             }
 
-            StreamRef {
+            let request = me.actions.recv.take_request(stream);
+            let body = OpaqueStreamRef::new(self.inner.clone(), stream);
+            let stream_ref = StreamRef {
                 opaque: OpaqueStreamRef::new(self.inner.clone(), stream),
                 send_buffer: self.send_buffer.clone(),
-            }
+            };
+            (stream_ref, request, body)
         })
     }
 
@@ -270,7 +276,7 @@ where
         request: Request<()>,
         end_of_stream: bool,
         pending: Option<&OpaqueStreamRef>,
-    ) -> Result<(StreamRef<B>, bool), SendError> {
+    ) -> Result<(StreamRef<B>, OpaqueStreamRef, bool), SendError> {
         self.send_request_inner(request, end_of_stream, pending, false)
             .map_err(|(e, _)| e)
     }
@@ -283,7 +289,7 @@ where
         request: Request<()>,
         end_of_stream: bool,
         pending: Option<&OpaqueStreamRef>,
-    ) -> Result<(StreamRef<B>, bool), (SendError, Option<Request<()>>)> {
+    ) -> Result<(StreamRef<B>, OpaqueStreamRef, bool), (SendError, Option<Request<()>>)> {
         self.send_request_inner(request, end_of_stream, pending, true)
     }
 
@@ -293,7 +299,7 @@ where
         end_of_stream: bool,
         pending: Option<&OpaqueStreamRef>,
         keep_head: bool,
-    ) -> Result<(StreamRef<B>, bool), (SendError, Option<Request<()>>)> {
+    ) -> Result<(StreamRef<B>, OpaqueStreamRef, bool), (SendError, Option<Request<()>>)> {
         use super::stream::ContentLength;
         use http::Method;
 
@@ -395,14 +401,18 @@ where
 
         // TODO: ideally, OpaqueStreamRefs::new would do this, but we're holding
         // the lock, so it can't.
-        me.refs += 1;
+        // grpcgate patch: two handles, the second for the response future, made under this lock
+        // instead of by a `clone_to_opaque` that locks again.
+        me.refs += 2;
 
         let is_full = me.counts.next_send_stream_will_reach_capacity();
+        let response = OpaqueStreamRef::new(self.inner.clone(), &mut stream);
         Ok((
             StreamRef {
                 opaque: OpaqueStreamRef::new(self.inner.clone(), &mut stream),
                 send_buffer: self.send_buffer.clone(),
             },
+            response,
             is_full,
         ))
     }
@@ -1344,11 +1354,13 @@ impl<B> StreamRef<B> {
         })
     }
 
+    /// Sends the response head; on success, a second handle to the stream (for the response
+    /// body), made under the same lock (grpcgate patch: a `clone` after it locked again).
     pub fn send_response(
         &mut self,
         mut response: Response<()>,
         end_of_stream: bool,
-    ) -> Result<(), UserError> {
+    ) -> Result<StreamRef<B>, UserError> {
         // Clear before taking lock, incase extensions contain a StreamRef.
         response.extensions_mut().clear();
         let mut me = self.opaque.inner.lock().unwrap();
@@ -1365,6 +1377,16 @@ impl<B> StreamRef<B> {
             actions
                 .send
                 .send_headers(frame, send_buffer, stream, counts, &mut actions.task)
+        })?;
+
+        // `self` holds a reference, so the stream is still in the store.
+        me.refs += 1;
+        Ok(StreamRef {
+            opaque: OpaqueStreamRef::new(
+                self.opaque.inner.clone(),
+                &mut me.store.resolve(self.opaque.key),
+            ),
+            send_buffer: self.send_buffer.clone(),
         })
     }
 
@@ -1422,21 +1444,6 @@ impl<B> StreamRef<B> {
             opaque,
             send_buffer: self.send_buffer.clone(),
         })
-    }
-
-    /// Called by the server after the stream is accepted. Given that clients
-    /// initialize streams by sending HEADERS, the request will always be
-    /// available.
-    ///
-    /// # Panics
-    ///
-    /// This function panics if the request isn't present.
-    pub fn take_request(&self) -> Request<()> {
-        let mut me = self.opaque.inner.lock().unwrap();
-        let me = &mut *me;
-
-        let mut stream = me.store.resolve(self.opaque.key);
-        me.actions.recv.take_request(&mut stream)
     }
 
     /// Called by a client to see if the current stream is pending open
@@ -1519,14 +1526,22 @@ impl OpaqueStreamRef {
             key: stream.key(),
         }
     }
-    /// Called by a client to check for a received response.
-    pub fn poll_response(&mut self, cx: &Context) -> Poll<Result<Response<()>, proto::Error>> {
+    /// Called by a client to check for a received response; with it, a second handle to the
+    /// stream (for the response body), made under the same lock (grpcgate patch: a `clone` after
+    /// it locked the connection again).
+    pub fn poll_response(
+        &mut self,
+        cx: &Context,
+    ) -> Poll<Result<(Response<()>, OpaqueStreamRef), proto::Error>> {
         let mut me = self.inner.lock().unwrap();
         let me = &mut *me;
 
         let mut stream = me.store.resolve(self.key);
 
-        me.actions.recv.poll_response(cx, &mut stream)
+        let response = ready!(me.actions.recv.poll_response(cx, &mut stream))?;
+        me.refs += 1;
+        let body = OpaqueStreamRef::new(self.inner.clone(), &mut stream);
+        Poll::Ready(Ok((response, body)))
     }
 
     /// grpcgate patch: the request head kept by `send_retryable_request`, if no response head
