@@ -554,7 +554,13 @@ impl<'a> Pump<'a> {
             match self.state {
                 PumpState::Data => {
                     if let Some((chunk, credit)) = &mut self.pending {
-                        let mut cap = dst.capacity();
+                        // Before the first frame nothing was reserved, so there is no capacity to ask
+                        // h2 about (each question takes its connection lock).
+                        let mut cap = if self.sent_unreserved {
+                            dst.capacity()
+                        } else {
+                            0
+                        };
                         if cap == 0 && !self.sent_unreserved {
                             // The stream's first frame (nothing was reserved before it, so capacity is
                             // 0) goes to h2 whole, without the reserve and poll-capacity round trip
