@@ -523,7 +523,8 @@ where
             .send_request(request, end_of_stream, self.pending.as_ref())
             .map_err(Into::into)
             .map(|(stream, response_ref, is_full)| {
-                if stream.is_pending_open() && is_full {
+                // grpcgate patch: `is_full` first; `is_pending_open` takes the connection lock.
+                if is_full && stream.is_pending_open() {
                     // Only prevent sending another request when the request queue
                     // is not full.
                     self.pending = Some(stream.clone_to_opaque());
@@ -557,7 +558,8 @@ where
             .send_retryable_request(request, end_of_stream, self.pending.as_ref())
             .map_err(|(e, request)| (e.into(), request))
             .map(|(stream, response_ref, is_full)| {
-                if stream.is_pending_open() && is_full {
+                // grpcgate patch: `is_full` first; `is_pending_open` takes the connection lock.
+                if is_full && stream.is_pending_open() {
                     self.pending = Some(stream.clone_to_opaque());
                 }
 
