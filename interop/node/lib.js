@@ -6,6 +6,7 @@ const fs = require('fs');
 const path = require('path');
 const net = require('net');
 const http = require('http');
+const http2 = require('http2');
 const { spawn } = require('child_process');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
@@ -56,6 +57,18 @@ function withTimeout(p, ms, what = 'operation') {
       t = setTimeout(() => rej(new Error(`timeout after ${ms}ms: ${what}`)), ms);
     }),
   ]);
+}
+
+// Runs an async main(); an uncaught failure stops every proxy and exits 2.
+function run(main) {
+  main().catch(async (e) => { console.error(e); await stopAllProxies(); process.exit(2); });
+}
+
+// Prints the summary, sets the exit code (1 if anything failed) and makes sure the process exits even if
+// a handle (a server, a socket) is still open.
+function finish(scriptName, exitAfterMs = 500) {
+  process.exitCode = summary(scriptName) ? 1 : 0;
+  setTimeout(() => process.exit(), exitAfterMs).unref();
 }
 
 // ---------------------------------------------------------------- backend
@@ -236,10 +249,37 @@ function tcpProbe(port) {
   });
 }
 
-// Starts grpcgate with the given TOML; resolves once admin /healthz answers and the listeners accept.
-async function startProxy(name, toml, { adminPort, listenPorts = [], env = {} } = {}) {
+// grpcgate TOML from { admin, drain = '1s', listeners, clusters }:
+//   listeners: [{ name = 'edge', port, extra = '' (TOML after `listen`), routes: [{ service, method, cluster, ... }] }]
+//   clusters:  [{ name, endpoints: [port (on 127.0.0.1) | 'host:port' | { address, weight }], extra = '' }]
+// (route values are written as strings).
+function gateConfig({ admin, drain = '1s', listeners = [], clusters = [] }) {
+  const ep = (e) => (typeof e === 'number' ? `"127.0.0.1:${e}"`
+    : typeof e === 'string' ? `"${e}"`
+      : `{ ${Object.entries(e).map(([k, v]) => `${k} = ${typeof v === 'number' ? v : `"${v}"`}`).join(', ')} }`);
+  const out = [`drain_timeout = "${drain}"`, '[admin]', `listen = "127.0.0.1:${admin}"`];
+  for (const l of listeners) {
+    out.push('[[listeners]]', `name = "${l.name || 'edge'}"`, `listen = "127.0.0.1:${l.port}"`);
+    if (l.extra) out.push(l.extra);
+    for (const r of l.routes) out.push('[[listeners.routes]]', ...Object.entries(r).map(([k, v]) => `${k} = "${v}"`));
+  }
+  for (const c of clusters) {
+    out.push('[[clusters]]', `name = "${c.name}"`, `endpoints = [${c.endpoints.map(ep).join(', ')}]`);
+    if (c.extra) out.push(c.extra);
+  }
+  return `${out.join('\n')}\n`;
+}
+
+// Starts grpcgate with the given config (TOML text, or a gateConfig spec, whose admin and listener ports
+// are then waited for unless given); resolves once admin /healthz answers and the listeners accept.
+async function startProxy(name, config, opts = {}) {
+  if (typeof config !== 'string') {
+    opts = { adminPort: config.admin, listenPorts: config.listeners.map((l) => l.port), ...opts };
+    config = gateConfig(config);
+  }
+  const { adminPort, listenPorts = [], env = {} } = opts;
   const cfg = path.join(RUN_DIR, `${name}.toml`);
-  fs.writeFileSync(cfg, toml);
+  fs.writeFileSync(cfg, config);
   const logPath = path.join(RUN_DIR, `${name}.log`);
   const log = fs.openSync(logPath, 'w');
   const child = spawn(BIN, ['--config', cfg], {
@@ -284,6 +324,17 @@ function proxyLog(p) {
 async function metrics(adminPort) {
   const r = await httpGet(adminPort, '/metrics');
   return r.body;
+}
+
+// The admin endpoint's metrics, parsed (see parseMetrics).
+async function scrape(adminPort) {
+  return parseMetrics(await metrics(adminPort));
+}
+
+// True if grpcgate_endpoint_healthy{cluster, endpoint=127.0.0.1:port} is `value` for every port given.
+async function healthyIs(adminPort, cluster, ports, value) {
+  const m = await scrape(adminPort);
+  return ports.every((p) => metricValue(m, 'grpcgate_endpoint_healthy', { cluster, endpoint: `127.0.0.1:${p}` }) === value);
 }
 
 // Parses Prometheus text into [{name, labels, value}].
@@ -334,6 +385,52 @@ function unary(c, req, { metadata, deadlineMs, timeoutMs = 10000 } = {}) {
   }), timeoutMs, 'unary call');
 }
 
+// Collects a streaming call: messages (with arrival times in events), initial metadata, the error and the
+// status; resolves at the status, rejects after timeoutMs.
+function collect(call, timeoutMs = 10000) {
+  return withTimeout(new Promise((resolve) => {
+    const out = { msgs: [], status: null, err: null, initial: null, events: [] };
+    call.on('metadata', (m) => { out.initial = m; });
+    call.on('data', (m) => { out.msgs.push(m); out.events.push(['data', Date.now()]); });
+    call.on('error', (e) => { out.err = e; });
+    call.on('status', (s) => { out.status = s; resolve(out); });
+  }), timeoutMs, 'stream');
+}
+
+// A unary call with an empty (raw bytes) request on `rpcPath`, over `target`: a grpc.Client, or a port to
+// open a fresh connection to (closed afterwards). Resolves { err, resp, ms }; rejects after timeoutMs.
+function bytesUnary(target, rpcPath, { metadata = new grpc.Metadata(), deadlineMs, timeoutMs = deadlineMs ? deadlineMs + 2000 : 5000 } = {}) {
+  const own = typeof target === 'number';
+  const gc = own ? new grpc.Client(`127.0.0.1:${target}`, grpc.credentials.createInsecure()) : target;
+  const callOpts = deadlineMs ? { deadline: Date.now() + deadlineMs } : {};
+  return withTimeout(new Promise((resolve) => {
+    const t0 = Date.now();
+    gc.makeUnaryRequest(rpcPath, (b) => b, (b) => b, Buffer.alloc(0), metadata, callOpts, (err, resp) => {
+      if (own) gc.close();
+      resolve({ err, resp, ms: Date.now() - t0 });
+    });
+  }), timeoutMs, `call ${rpcPath}`);
+}
+
+// One request from a raw http2 client on its own connection (POST, content-type application/grpc,
+// te: trailers, then `headers`), with `body` (default: one empty gRPC message). Resolves with the response
+// headers, whether they ended the stream (trailers-only), trailers, data, stream error and RST code, or
+// { sessionError }; rejects after timeoutMs.
+function rawCall(port, headers, body, timeoutMs = 5000) {
+  return withTimeout(new Promise((resolve) => {
+    const s = http2.connect(`http://127.0.0.1:${port}`);
+    s.on('error', (e) => resolve({ sessionError: e.message }));
+    const out = { data: Buffer.alloc(0) };
+    const req = s.request({ ':method': 'POST', 'content-type': 'application/grpc', te: 'trailers', ...headers });
+    req.on('response', (h, flags) => { out.headers = h; out.headersEndStream = !!(flags & 1); });
+    req.on('trailers', (t) => { out.trailers = t; });
+    req.on('data', (d) => { out.data = Buffer.concat([out.data, d]); });
+    req.on('error', (e) => { out.error = e.message; });
+    req.on('close', () => { out.rstCode = req.rstCode; s.close(); resolve(out); });
+    req.end(body || Buffer.from([0, 0, 0, 0, 0]));
+  }), timeoutMs, 'raw call');
+}
+
 function code(e) {
   return e ? e.code : 0;
 }
@@ -356,8 +453,14 @@ async function portFree(port) {
   return !(await tcpProbe(port));
 }
 
+// Throws unless every port is free.
+async function requirePortsFree(ports) {
+  for (const p of ports) if (!(await portFree(p))) throw new Error(`port ${p} busy`);
+}
+
 module.exports = {
-  grpc, proto, EchoClient, HealthClient, sleep, record, check, info, summary, withTimeout,
-  startBackend, startProxy, stopProxy, stopAllProxies, proxyLog, metrics, parseMetrics, metricValue,
-  client, unary, code, codeName, waitFor, httpGet, portFree, tcpProbe, RUN_DIR, BIN,
+  grpc, proto, EchoClient, HealthClient, sleep, record, check, info, summary, finish, run, withTimeout,
+  startBackend, gateConfig, startProxy, stopProxy, stopAllProxies, proxyLog, metrics, scrape, parseMetrics,
+  metricValue, healthyIs, client, unary, collect, bytesUnary, rawCall, code, codeName, waitFor, httpGet,
+  portFree, requirePortsFree, tcpProbe, RUN_DIR, BIN,
 };

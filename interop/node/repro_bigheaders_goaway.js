@@ -29,22 +29,11 @@ function rawBig(port, size, timeoutMs) {
 }
 
 async function main() {
-  for (const p of [BE, PX, AD]) if (!(await L.portFree(p))) throw new Error(`port ${p} busy`);
+  await L.requirePortsFree([BE, PX, AD]);
   const be = await L.startBackend(BE, 'b1');
-  const px = await L.startProxy('repro_bigheaders', `
-drain_timeout = "1s"
-[admin]
-listen = "127.0.0.1:${AD}"
-[[listeners]]
-name = "edge"
-listen = "127.0.0.1:${PX}"
-[[listeners.routes]]
-service = "echo.Echo"
-cluster = "echo"
-[[clusters]]
-name = "echo"
-endpoints = ["127.0.0.1:${BE}"]
-`, { adminPort: AD, listenPorts: [PX] }, );
+  const px = await L.startProxy('repro_bigheaders', {
+    admin: AD, listeners: [{ port: PX, routes: [{ service: 'echo.Echo', cluster: 'echo' }] }], clusters: [{ name: 'echo', endpoints: [BE] }],
+  });
   try {
     const direct = await rawBig(BE, SIZE, 5000);
     console.log(`DIRECT to grpc-js backend, ${SIZE} B metadata:`, JSON.stringify(direct));
@@ -75,7 +64,6 @@ endpoints = ["127.0.0.1:${BE}"]
     await be.stop();
   }
   const log = L.proxyLog(px);
-  process.exitCode = L.summary('repro_bigheaders_goaway') ? 1 : 0;
-  setTimeout(() => process.exit(), 300).unref();
+  L.finish('repro_bigheaders_goaway');
 }
-main().catch(async (e) => { console.error(e); await L.stopAllProxies(); process.exit(2); });
+L.run(main);

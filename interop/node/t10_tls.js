@@ -25,33 +25,15 @@ async function tryCall(c, ms = 3000) {
 const desc = (r) => (r.err ? `${L.codeName(r.err.code)} '${r.err.details.slice(0, 140)}'` : `OK from ${r.resp.backend}`);
 
 async function main() {
-  for (const p of [BE, TLSP, MTLS, AD]) if (!(await L.portFree(p))) throw new Error(`port ${p} busy`);
+  await L.requirePortsFree([BE, TLSP, MTLS, AD]);
   const be = await L.startBackend(BE, 'b1');
-  const px = await L.startProxy('t10', `
-drain_timeout = "1s"
-[admin]
-listen = "127.0.0.1:${AD}"
-[[listeners]]
-name = "tls"
-listen = "127.0.0.1:${TLSP}"
-[listeners.tls]
-cert = "${CD}/server.crt"
-key = "${CD}/server.pk8.key"
-[[listeners.routes]]
-cluster = "echo"
-[[listeners]]
-name = "mtls"
-listen = "127.0.0.1:${MTLS}"
-[listeners.tls]
-cert = "${CD}/server.crt"
-key = "${CD}/server.key"
-client_ca = "${CD}/ca.crt"
-[[listeners.routes]]
-cluster = "echo"
-[[clusters]]
-name = "echo"
-endpoints = ["127.0.0.1:${BE}"]
-`, { adminPort: AD, listenPorts: [TLSP, MTLS] });
+  const tlsToml = (key, extra = '') => `[listeners.tls]\ncert = "${CD}/server.crt"\nkey = "${CD}/${key}"${extra}`;
+  const px = await L.startProxy('t10', {
+    admin: AD,
+    listeners: [{ name: 'tls', port: TLSP, extra: tlsToml('server.pk8.key'), routes: [{ cluster: 'echo' }] },
+      { name: 'mtls', port: MTLS, extra: tlsToml('server.key', `\nclient_ca = "${CD}/ca.crt"`), routes: [{ cluster: 'echo' }] }],
+    clusters: [{ name: 'echo', endpoints: [BE] }],
+  });
   try {
     let r = await tryCall(tlsClient(TLSP));
     L.check('10.1', 'grpc-js TLS client (trusting the CA) -> unary OK', !r.err, desc(r));
@@ -99,7 +81,6 @@ endpoints = ["127.0.0.1:${BE}"]
     await L.stopProxy(px);
     await be.stop();
   }
-  process.exitCode = L.summary('t10_tls') ? 1 : 0;
-  setTimeout(() => process.exit(), 300).unref();
+  L.finish('t10_tls');
 }
-main().catch(async (e) => { console.error(e); await L.stopAllProxies(); process.exit(2); });
+L.run(main);

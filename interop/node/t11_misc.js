@@ -10,43 +10,22 @@ const L = require('./lib');
 const { grpc } = L;
 const B1 = 22210, B2 = 22211, BAD = 22212, PX = 22213, AD = 22214;
 
-const config = (echoEps, extra = '') => `
-drain_timeout = "5s"
-[admin]
-listen = "127.0.0.1:${AD}"
-[[listeners]]
-name = "edge"
-listen = "127.0.0.1:${PX}"
-[[listeners.routes]]
-service = "echo.Echo"
-cluster = "echo"
-[[listeners.routes]]
-service = "watch.W"
-cluster = "watched"
-[[listeners.routes]]
-service = "outlier.O"
-cluster = "outl"
-[[clusters]]
-name = "echo"
-endpoints = [${echoEps}]
-[[clusters]]
-name = "watched"
-endpoints = ["127.0.0.1:${B1}"]
-[clusters.health_check]
-mode = "watch"
-interval = "5s"
-timeout = "1s"
-[[clusters]]
-name = "outl"
-endpoints = ["127.0.0.1:${BAD}", "127.0.0.1:${B2}"]
-[clusters.outlier_detection]
-consecutive_failures = 3
-base_ejection_time = "30s"
-max_ejection_percent = 50
-${extra}`;
+const config = (echoPort) => L.gateConfig({
+  admin: AD,
+  drain: '5s',
+  listeners: [{
+    port: PX,
+    routes: [{ service: 'echo.Echo', cluster: 'echo' }, { service: 'watch.W', cluster: 'watched' }, { service: 'outlier.O', cluster: 'outl' }],
+  }],
+  clusters: [
+    { name: 'echo', endpoints: [echoPort] },
+    { name: 'watched', endpoints: [B1], extra: '[clusters.health_check]\nmode = "watch"\ninterval = "5s"\ntimeout = "1s"' },
+    { name: 'outl', endpoints: [BAD, B2], extra: '[clusters.outlier_detection]\nconsecutive_failures = 3\nbase_ejection_time = "30s"\nmax_ejection_percent = 50' },
+  ],
+});
 
 async function main() {
-  for (const p of [B1, B2, BAD, PX, AD]) if (!(await L.portFree(p))) throw new Error(`port ${p} busy`);
+  await L.requirePortsFree([B1, B2, BAD, PX, AD]);
   const b1 = await L.startBackend(B1, 'b1', { watch: true, serverOptions: { 'grpc.default_compression_algorithm': 2 } });
   const b2 = await L.startBackend(B2, 'b2');
   // raw backend answering every call with HTTP 503 (-> UNAVAILABLE at the proxy)
@@ -56,14 +35,14 @@ async function main() {
 
   // --check
   const cfgFile = `${L.RUN_DIR}/t11.toml`;
-  fs.writeFileSync(`${L.RUN_DIR}/t11-check-good.toml`, config(`"127.0.0.1:${B1}"`));
-  fs.writeFileSync(`${L.RUN_DIR}/t11-check-bad.toml`, config(`"127.0.0.1:${B1}"`).replace('mode = "watch"', 'mode = "stream"'));
+  fs.writeFileSync(`${L.RUN_DIR}/t11-check-good.toml`, config(B1));
+  fs.writeFileSync(`${L.RUN_DIR}/t11-check-bad.toml`, config(B1).replace('mode = "watch"', 'mode = "stream"'));
   const good = spawnSync(L.BIN, ['--config', `${L.RUN_DIR}/t11-check-good.toml`, '--check'], { encoding: 'utf8', timeout: 10000 });
   const badc = spawnSync(L.BIN, ['--config', `${L.RUN_DIR}/t11-check-bad.toml`, '--check'], { encoding: 'utf8', timeout: 10000 });
   L.check('11.0', '--check: good file exits 0, bad file exits non-zero naming file:line:col and key', good.status === 0 && badc.status !== 0 && /t11-check-bad\.toml:\d+:\d+/.test(badc.stderr + badc.stdout),
     `good=${good.status} '${(good.stdout + good.stderr).trim()}' bad=${badc.status} '${(badc.stdout + badc.stderr).trim().slice(0, 160)}'`);
 
-  const px = await L.startProxy('t11', config(`"127.0.0.1:${B1}"`), { adminPort: AD, listenPorts: [PX] });
+  const px = await L.startProxy('t11', config(B1), { adminPort: AD, listenPorts: [PX] });
   const c = L.client(PX, { 'grpc.max_receive_message_length': 64 << 20, 'grpc.use_local_subchannel_pool': 1 });
   try {
     // 11.1 flow control: server stream of 400 x 64 KiB (25 MiB) to a paused grpc-js reader; how far does
@@ -116,16 +95,16 @@ async function main() {
 
     // 11.3 Health/Watch mode
     {
-      const healthy = async (cl, ep) => L.metricValue(L.parseMetrics(await L.metrics(AD)), 'grpcgate_endpoint_healthy', { cluster: cl, endpoint: ep });
-      await L.waitFor(async () => (await healthy('watched', `127.0.0.1:${B1}`)) === 1, 5000);
+      const healthy = (value) => L.healthyIs(AD, 'watched', [B1], value);
+      await L.waitFor(() => healthy(1), 5000);
       const watchCalls = b1.watchCalls || 0;
       b1.setHealth('', 'NOT_SERVING');
       const t0 = Date.now();
-      const down = await L.waitFor(async () => (await healthy('watched', `127.0.0.1:${B1}`)) === 0, 4000, 20);
+      const down = await L.waitFor(() => healthy(0), 4000, 20);
       const ms = Date.now() - t0;
       b1.setHealth('', 'SERVING');
       const t1 = Date.now();
-      const up = await L.waitFor(async () => (await healthy('watched', `127.0.0.1:${B1}`)) === 1, 4000, 20);
+      const up = await L.waitFor(() => healthy(1), 4000, 20);
       L.check('11.3', 'health mode=watch (interval 5s) with grpc-js Health/Watch: NOT_SERVING and back applied within 1 s', watchCalls >= 1 && down && ms < 1000 && up && Date.now() - t1 < 1000,
         `watch streams opened=${watchCalls} down=${down} in ${ms}ms up=${up}`);
     }
@@ -133,14 +112,14 @@ async function main() {
     // 11.4 outlier detection: endpoint answering HTTP 503 gets ejected after 3 consecutive UNAVAILABLE
     {
       const gc = new grpc.Client(`127.0.0.1:${PX}`, grpc.credentials.createInsecure());
-      const one = () => L.withTimeout(new Promise((resolve) => gc.makeUnaryRequest('/outlier.O/M', (b) => b, (b) => b, Buffer.alloc(0), (err) => resolve(err))), 5000, 'o');
+      const one = async () => (await L.bytesUnary(gc, '/outlier.O/M')).err;
       const seq = [];
       for (let i = 0; i < 20; i++) seq.push(await one());
       const codes = seq.map((e) => (e ? e.code : 0));
       // b2 (grpc-js) does not implement /outlier.O/M -> UNIMPLEMENTED (12) counts as "reached"; BAD -> 14
       const firstFive = codes.slice(0, 8).filter((x) => x === 14).length;
       const tail = codes.slice(8);
-      const m = L.parseMetrics(await L.metrics(AD));
+      const m = await L.scrape(AD);
       const ej = L.metricValue(m, 'grpcgate_outlier_ejections_total', { cluster: 'outl', endpoint: `127.0.0.1:${BAD}` });
       L.check('11.4', 'outlier detection: endpoint answering HTTP 503 ejected after 3 consecutive UNAVAILABLE; later calls avoid it',
         firstFive === 3 && tail.every((x) => x === 12) && ej === 1, `codes=${codes.join(',')} ejections=${ej}`);
@@ -150,14 +129,14 @@ async function main() {
     // 11.5 SIGHUP reload: echo cluster b1 -> b2 without dropping the client's connection
     {
       const before = await L.unary(c, { payload: Buffer.from('x') });
-      const conns = L.metricValue(L.parseMetrics(await L.metrics(AD)), 'grpcgate_downstream_connections_active', { listener: 'edge' });
-      fs.writeFileSync(cfgFile, config(`"127.0.0.1:${B2}"`));
+      const conns = L.metricValue(await L.scrape(AD), 'grpcgate_downstream_connections_active', { listener: 'edge' });
+      fs.writeFileSync(cfgFile, config(B2));
       px.child.kill('SIGHUP');
       const switched = await L.waitFor(async () => {
         const r = await L.unary(c, { payload: Buffer.from('x') });
         return !r.err && r.resp.backend === 'b2';
       }, 5000, 100);
-      const m = L.parseMetrics(await L.metrics(AD));
+      const m = await L.scrape(AD);
       const conns2 = L.metricValue(m, 'grpcgate_downstream_connections_active', { listener: 'edge' });
       const ok = L.metricValue(m, 'grpcgate_config_reloads_total', { result: 'success' });
       L.check('11.5', 'SIGHUP reload switches the cluster endpoint, same client connection, reloads_total{success}=1',
@@ -166,9 +145,9 @@ async function main() {
       px.child.kill('SIGHUP');
       await L.sleep(500);
       const r = await L.unary(c, { payload: Buffer.from('x') });
-      const fail = L.metricValue(L.parseMetrics(await L.metrics(AD)), 'grpcgate_config_reloads_total', { result: 'failure' });
+      const fail = L.metricValue(await L.scrape(AD), 'grpcgate_config_reloads_total', { result: 'failure' });
       L.check('11.5b', 'bad reload keeps the running config and counts a failure', !r.err && r.resp.backend === 'b2' && fail === 1, `backend=${r.resp && r.resp.backend} failures=${fail}`);
-      fs.writeFileSync(cfgFile, config(`"127.0.0.1:${B1}"`));
+      fs.writeFileSync(cfgFile, config(B1));
     }
 
     // 11.6 SIGTERM drain with a call in flight
@@ -193,7 +172,6 @@ async function main() {
     await b1.stop(); await b2.stop();
     bad.close();
   }
-  process.exitCode = L.summary('t11_misc') ? 1 : 0;
-  setTimeout(() => process.exit(), 300).unref();
+  L.finish('t11_misc');
 }
-main().catch(async (e) => { console.error(e); await L.stopAllProxies(); process.exit(2); });
+L.run(main);

@@ -36,40 +36,21 @@ function streamingCall(port, path, { msgs = 200, size = 32 * 1024, bidi = false 
 const desc = (r) => (r.err ? `${L.codeName(r.err.code)} '${(r.err.details || '').slice(0, 110)}' after ${r.ms}ms` : `OK after ${r.ms}ms`);
 
 async function main() {
-  for (const p of [BE, PX, AD, DEAD]) if (!(await L.portFree(p))) throw new Error(`port ${p} busy`);
+  await L.requirePortsFree([BE, PX, AD, DEAD]);
   const be = await L.startBackend(BE, 'b1', {
     onUnary: () => false,
   });
   // a handler that answers FAILED_PRECONDITION at once without reading the client stream
   be.server.register('/early.E/Reject', (call, cb) => { cb({ code: grpc.status.FAILED_PRECONDITION, details: 'rejected early' }); }, (x) => x, (b) => b, 'clientStream');
-  const px = await L.startProxy('t12', `
-drain_timeout = "1s"
-[admin]
-listen = "127.0.0.1:${AD}"
-[[listeners]]
-name = "edge"
-listen = "127.0.0.1:${PX}"
-[[listeners.routes]]
-service = "echo.Echo"
-method = "Bidi"
-cluster = "echo"
-timeout = "300ms"
-[[listeners.routes]]
-service = "echo.Echo"
-cluster = "echo"
-[[listeners.routes]]
-service = "early.E"
-cluster = "echo"
-[[listeners.routes]]
-service = "dead.D"
-cluster = "dead"
-[[clusters]]
-name = "echo"
-endpoints = ["127.0.0.1:${BE}"]
-[[clusters]]
-name = "dead"
-endpoints = ["127.0.0.1:${DEAD}"]
-`, { adminPort: AD, listenPorts: [PX] });
+  const px = await L.startProxy('t12', {
+    admin: AD,
+    listeners: [{
+      port: PX,
+      routes: [{ service: 'echo.Echo', method: 'Bidi', cluster: 'echo', timeout: '300ms' }, { service: 'echo.Echo', cluster: 'echo' },
+        { service: 'early.E', cluster: 'echo' }, { service: 'dead.D', cluster: 'dead' }],
+    }],
+    clusters: [{ name: 'echo', endpoints: [BE] }, { name: 'dead', endpoints: [DEAD] }],
+  });
   try {
     let r = await streamingCall(PX, '/nope.N/Upload');
     L.check('12.1', 'client streaming 200 x 32 KiB to an unrouted service -> UNIMPLEMENTED (not a reset)', r.err && r.err.code === 12, desc(r));
@@ -102,7 +83,6 @@ endpoints = ["127.0.0.1:${DEAD}"]
     await L.stopProxy(px);
     await be.stop();
   }
-  process.exitCode = L.summary('t12_early_replies') ? 1 : 0;
-  setTimeout(() => process.exit(), 300).unref();
+  L.finish('t12_early_replies');
 }
-main().catch(async (e) => { console.error(e); await L.stopAllProxies(); process.exit(2); });
+L.run(main);

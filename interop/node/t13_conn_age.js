@@ -18,21 +18,11 @@ async function load(c, ms, workers) {
 }
 
 async function main() {
-  for (const p of [BE, PX, AD]) if (!(await L.portFree(p))) throw new Error(`port ${p} busy`);
+  await L.requirePortsFree([BE, PX, AD]);
   const be = await L.startBackend(BE, 'b1', { serverOptions: { 'grpc.max_connection_age_ms': 300, 'grpc.max_connection_age_grace_ms': 2000 } });
-  const px = await L.startProxy('t13', `
-drain_timeout = "1s"
-[admin]
-listen = "127.0.0.1:${AD}"
-[[listeners]]
-name = "edge"
-listen = "127.0.0.1:${PX}"
-[[listeners.routes]]
-cluster = "echo"
-[[clusters]]
-name = "echo"
-endpoints = ["127.0.0.1:${BE}"]
-`, { adminPort: AD, listenPorts: [PX] });
+  const px = await L.startProxy('t13', {
+    admin: AD, listeners: [{ port: PX, routes: [{ cluster: 'echo' }] }], clusters: [{ name: 'echo', endpoints: [BE] }],
+  });
   const c = L.client(PX);
   const d = L.client(BE);
   try {
@@ -48,7 +38,6 @@ endpoints = ["127.0.0.1:${BE}"]
     await L.stopProxy(px);
     await be.stop();
   }
-  process.exitCode = L.summary('t13_conn_age') ? 1 : 0;
-  setTimeout(() => process.exit(), 300).unref();
+  L.finish('t13_conn_age');
 }
-main().catch(async (e) => { console.error(e); await L.stopAllProxies(); process.exit(2); });
+L.run(main);

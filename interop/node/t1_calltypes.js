@@ -8,15 +8,7 @@ const BE = 22100, PX = 22101, AD = 22102;
 const MIB = 1024 * 1024;
 const big = { 'grpc.max_receive_message_length': 32 * MIB, 'grpc.max_send_message_length': 32 * MIB };
 
-function collectStream(call, timeoutMs = 20000) {
-  return L.withTimeout(new Promise((resolve) => {
-    const out = { msgs: [], status: null, err: null, initial: null, events: [] };
-    call.on('metadata', (m) => { out.initial = m; });
-    call.on('data', (m) => { out.msgs.push(m); out.events.push(['data', Date.now()]); });
-    call.on('error', (e) => { out.err = e; });
-    call.on('status', (s) => { out.status = s; resolve(out); });
-  }), timeoutMs, 'stream');
-}
+const collectStream = (call, timeoutMs = 20000) => L.collect(call, timeoutMs);
 
 function clientStream(c, msgs, md, opts = {}) {
   return L.withTimeout(new Promise((resolve) => {
@@ -35,22 +27,13 @@ function clientStream(c, msgs, md, opts = {}) {
 }
 
 async function main() {
-  for (const p of [BE, PX, AD]) if (!(await L.portFree(p))) throw new Error(`port ${p} busy`);
+  await L.requirePortsFree([BE, PX, AD]);
   const be = await L.startBackend(BE, 'b1', { serverOptions: big });
-  const px = await L.startProxy('t1', `
-drain_timeout = "1s"
-[admin]
-listen = "127.0.0.1:${AD}"
-[[listeners]]
-name = "edge"
-listen = "127.0.0.1:${PX}"
-[[listeners.routes]]
-service = "echo.Echo"
-cluster = "echo"
-[[clusters]]
-name = "echo"
-endpoints = ["127.0.0.1:${BE}"]
-`, { adminPort: AD, listenPorts: [PX] });
+  const px = await L.startProxy('t1', {
+    admin: AD,
+    listeners: [{ port: PX, routes: [{ service: 'echo.Echo', cluster: 'echo' }] }],
+    clusters: [{ name: 'echo', endpoints: [BE] }],
+  });
   const c = L.client(PX, big);
   try {
     // 1.1 unary
@@ -220,7 +203,7 @@ endpoints = ["127.0.0.1:${BE}"]
     L.info('1.x', 'proxy exit on SIGTERM', JSON.stringify(ex));
     await be.stop();
   }
-  process.exitCode = L.summary('t1_calltypes') ? 1 : 0;
+  L.finish('t1_calltypes');
 }
 
-main().catch(async (e) => { console.error(e); await L.stopAllProxies(); process.exit(2); });
+L.run(main);

@@ -7,16 +7,6 @@ const { grpc } = L;
 
 const BE = 22110, PX = 22111, AD = 22112, RAW = 22113;
 
-function collectStream(call, timeoutMs = 10000) {
-  return L.withTimeout(new Promise((resolve) => {
-    const out = { msgs: [], status: null, initial: null };
-    call.on('metadata', (m) => { out.initial = m; });
-    call.on('data', (m) => out.msgs.push(m));
-    call.on('error', () => {});
-    call.on('status', (s) => { out.status = s; resolve(out); });
-  }), timeoutMs, 'stream');
-}
-
 // A raw http2 "backend" whose response is fully scripted by the request header x-script (JSON).
 function startRawBackend(port) {
   const seen = [];
@@ -41,47 +31,15 @@ function startRawBackend(port) {
   return new Promise((res) => server.listen(port, '127.0.0.1', () => res({ server, seen })));
 }
 
-// Raw h2 client call to the proxy; returns the response headers, trailers, data, whether the
-// response headers ended the stream (trailers-only) and any RST code.
-function rawCall(port, headers, body, timeoutMs = 5000) {
-  return L.withTimeout(new Promise((resolve) => {
-    const s = http2.connect(`http://127.0.0.1:${port}`);
-    s.on('error', (e) => resolve({ sessionError: e.message }));
-    const out = { data: Buffer.alloc(0) };
-    const req = s.request({ ':method': 'POST', 'content-type': 'application/grpc', te: 'trailers', ...headers }, { endStream: false });
-    req.on('response', (h, flags) => { out.headers = h; out.headersEndStream = !!(flags & 1); });
-    req.on('trailers', (t) => { out.trailers = t; });
-    req.on('data', (d) => { out.data = Buffer.concat([out.data, d]); });
-    req.on('error', (e) => { out.error = e.message; });
-    req.on('close', () => { out.rstCode = req.rstCode; s.close(); resolve(out); });
-    req.end(body || Buffer.from([0, 0, 0, 0, 0]));
-  }), timeoutMs, 'raw call');
-}
-
 async function main() {
-  for (const p of [BE, PX, AD, RAW]) if (!(await L.portFree(p))) throw new Error(`port ${p} busy`);
+  await L.requirePortsFree([BE, PX, AD, RAW]);
   const be = await L.startBackend(BE, 'b1');
   const raw = await startRawBackend(RAW);
-  const px = await L.startProxy('t2', `
-drain_timeout = "1s"
-[admin]
-listen = "127.0.0.1:${AD}"
-[[listeners]]
-name = "edge"
-listen = "127.0.0.1:${PX}"
-[[listeners.routes]]
-service = "raw.Raw"
-cluster = "raw"
-[[listeners.routes]]
-service = "echo.Echo"
-cluster = "echo"
-[[clusters]]
-name = "echo"
-endpoints = ["127.0.0.1:${BE}"]
-[[clusters]]
-name = "raw"
-endpoints = ["127.0.0.1:${RAW}"]
-`, { adminPort: AD, listenPorts: [PX] });
+  const px = await L.startProxy('t2', {
+    admin: AD,
+    listeners: [{ port: PX, routes: [{ service: 'raw.Raw', cluster: 'raw' }, { service: 'echo.Echo', cluster: 'echo' }] }],
+    clusters: [{ name: 'echo', endpoints: [BE] }, { name: 'raw', endpoints: [RAW] }],
+  });
   const c = L.client(PX);
   const direct = L.client(BE);
   try {
@@ -127,7 +85,7 @@ endpoints = ["127.0.0.1:${RAW}"]
     // multi-valued header via raw backend (exact header fields)
     {
       raw.seen.length = 0;
-      const rr = await rawCall(PX, { ':path': '/raw.Raw/M', 'x-multi': ['one', 'two'], 'x-script': JSON.stringify({ trailers: { 'grpc-status': '0' } }) });
+      const rr = await L.rawCall(PX, { ':path': '/raw.Raw/M', 'x-multi': ['one', 'two'], 'x-script': JSON.stringify({ trailers: { 'grpc-status': '0' } }) });
       const h = raw.seen[0] && raw.seen[0].headers;
       const rh = raw.seen[0] ? raw.seen[0].rawHeaders : [];
       const got = [];
@@ -145,12 +103,12 @@ endpoints = ["127.0.0.1:${RAW}"]
       const tr = r.trailers ? r.trailers.getMap() : {};
       const okU = ini['x-init'] === 'init-value' && Buffer.from([0, 1, 2, 0xfe, 0xff]).equals(ini['x-init-bin'] || Buffer.alloc(0)) &&
         tr['x-trail'] === 'trail-value' && Buffer.from([0xff, 0, 0x80, 0x7f]).equals(tr['x-trail-bin'] || Buffer.alloc(0));
-      const s = await collectStream(c.ServerStream({ payload: Buffer.from('x'), count: 3 }, md));
+      const s = await L.collect(c.ServerStream({ payload: Buffer.from('x'), count: 3 }, md));
       const si = s.initial ? s.initial.getMap() : {};
       const st = s.status.metadata.getMap();
       const okS = si['x-init'] === 'init-value' && Buffer.isBuffer(si['x-init-bin']) && st['x-trail'] === 'trail-value' && Buffer.isBuffer(st['x-trail-bin']);
       const call = c.Bidi(md);
-      const bp = collectStream(call);
+      const bp = L.collect(call);
       call.write({ payload: Buffer.from('a') }); call.end();
       const b = await bp;
       const bi = b.initial ? b.initial.getMap() : {};
@@ -178,7 +136,7 @@ endpoints = ["127.0.0.1:${RAW}"]
       const bad = [];
       for (let code = 1; code <= 16; code++) {
         const md = new grpc.Metadata(); md.set('x-fail-after', '2');
-        const s = await collectStream(c.ServerStream({ payload: Buffer.from('x'), count: 5, failCode: code, failMessage: `late ${code}` }, md));
+        const s = await L.collect(c.ServerStream({ payload: Buffer.from('x'), count: 5, failCode: code, failMessage: `late ${code}` }, md));
         if (!(s.status.code === code && s.status.details === `late ${code}` && s.msgs.length === 2)) bad.push(`${code}: got ${s.status.code} '${s.status.details}' n=${s.msgs.length}`);
       }
       L.check('2.3b', 'grpc-status 1..16 in trailers after 2 messages (server streaming)', bad.length === 0, bad.join('; '));
@@ -198,7 +156,7 @@ endpoints = ["127.0.0.1:${RAW}"]
     // 2.4b exact bytes of grpc-message / grpc-status / custom trailers through raw http2 on both ends
     {
       const trailers = { 'grpc-status': '7', 'grpc-message': 'caf%C3%A9 %25 raw%20msg', 'x-t': 'v', 'grpc-status-details-bin': Buffer.from('details').toString('base64') };
-      const rr = await rawCall(PX, { ':path': '/raw.Raw/M', 'x-script': JSON.stringify({ headers: { 'x-h': 'hv' }, trailers }) });
+      const rr = await L.rawCall(PX, { ':path': '/raw.Raw/M', 'x-script': JSON.stringify({ headers: { 'x-h': 'hv' }, trailers }) });
       const t = rr.trailers || {};
       const ok = rr.headers && rr.headers[':status'] === 200 && rr.headers['x-h'] === 'hv' && t['grpc-status'] === '7' && t['grpc-message'] === trailers['grpc-message'] &&
         t['x-t'] === 'v' && t['grpc-status-details-bin'] === trailers['grpc-status-details-bin'];
@@ -207,13 +165,13 @@ endpoints = ["127.0.0.1:${RAW}"]
 
     // 2.5 trailers-only from backend -> trailers-only to the client (raw view)
     {
-      const rr = await rawCall(PX, { ':path': '/raw.Raw/M', 'x-script': JSON.stringify({ trailersOnly: { 'grpc-status': '5', 'grpc-message': 'not%20here', 'x-t': 'v' } }) });
+      const rr = await L.rawCall(PX, { ':path': '/raw.Raw/M', 'x-script': JSON.stringify({ trailersOnly: { 'grpc-status': '5', 'grpc-message': 'not%20here', 'x-t': 'v' } }) });
       const h = rr.headers || {};
       L.check('2.5', 'raw: backend trailers-only (status 5) arrives as one HEADERS with END_STREAM, status/message/metadata intact',
         rr.headersEndStream && h['grpc-status'] === '5' && h['grpc-message'] === 'not%20here' && h['x-t'] === 'v' && !rr.trailers && rr.data.length === 0,
         `endStream=${rr.headersEndStream} headers=${JSON.stringify(h)} trailers=${JSON.stringify(rr.trailers)}`);
       // grpc-js backend trailers-only (unary error), raw view
-      const rr2 = await rawCall(PX, { ':path': '/echo.Echo/Unary' }, Buffer.from([0, 0, 0, 0, 2, 0x20, 5]));
+      const rr2 = await L.rawCall(PX, { ':path': '/echo.Echo/Unary' }, Buffer.from([0, 0, 0, 0, 2, 0x20, 5]));
       const h2 = rr2.headers || {};
       L.check('2.5b', 'raw: grpc-js backend unary error (fail_code 5) -> trailers-only via proxy', rr2.headersEndStream && h2['grpc-status'] === '5',
         `endStream=${rr2.headersEndStream} headers=${JSON.stringify(h2)} trailers=${JSON.stringify(rr2.trailers)}`);
@@ -226,12 +184,12 @@ endpoints = ["127.0.0.1:${RAW}"]
 
     // 2.6 out-of-range grpc-status from the backend (raw), and missing grpc-status
     {
-      let rr = await rawCall(PX, { ':path': '/raw.Raw/M', 'x-script': JSON.stringify({ trailers: { 'grpc-status': '42', 'grpc-message': 'odd' } }) });
+      let rr = await L.rawCall(PX, { ':path': '/raw.Raw/M', 'x-script': JSON.stringify({ trailers: { 'grpc-status': '42', 'grpc-message': 'odd' } }) });
       L.info('2.6a', 'backend grpc-status 42 (out of range)', `client trailers=${JSON.stringify(rr.trailers)}`);
-      rr = await rawCall(PX, { ':path': '/raw.Raw/M', 'x-script': JSON.stringify({}) });
+      rr = await L.rawCall(PX, { ':path': '/raw.Raw/M', 'x-script': JSON.stringify({}) });
       L.check('2.6b', 'backend ends body without trailers -> INTERNAL added as trailers', rr.trailers && rr.trailers['grpc-status'] === '13',
         `trailers=${JSON.stringify(rr.trailers)}`);
-      rr = await rawCall(PX, { ':path': '/raw.Raw/M', 'x-script': JSON.stringify({ status: 503 }) });
+      rr = await L.rawCall(PX, { ':path': '/raw.Raw/M', 'x-script': JSON.stringify({ status: 503 }) });
       L.check('2.6c', 'backend HTTP 503 -> UNAVAILABLE', (rr.headers && rr.headers['grpc-status'] === '14') || (rr.trailers && rr.trailers['grpc-status'] === '14'),
         `headers=${JSON.stringify(rr.headers)} trailers=${JSON.stringify(rr.trailers)}`);
     }
@@ -243,8 +201,7 @@ endpoints = ["127.0.0.1:${RAW}"]
     await be.stop();
     raw.server.close();
   }
-  process.exitCode = L.summary('t2_metadata') ? 1 : 0;
-  setTimeout(() => process.exit(), 500).unref();
+  L.finish('t2_metadata');
 }
 
-main().catch(async (e) => { console.error(e); await L.stopAllProxies(); process.exit(2); });
+L.run(main);

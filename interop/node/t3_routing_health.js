@@ -2,37 +2,10 @@
 // grpc.health.v1 checks steer traffic; none healthy -> UNAVAILABLE; recovery.
 // Ports: proxy 22121, admin 22122, backends 22123 22124, dead endpoints 22127 22128.
 'use strict';
-const http2 = require('http2');
 const L = require('./lib');
 const { grpc } = L;
 
 const PX = 22121, AD = 22122, B1 = 22123, B2 = 22124, D1 = 22127, D2 = 22128;
-
-function genericUnary(port, path, timeoutMs = 5000) {
-  const gc = new grpc.Client(`127.0.0.1:${port}`, grpc.credentials.createInsecure());
-  return L.withTimeout(new Promise((resolve) => {
-    const t0 = Date.now();
-    gc.makeUnaryRequest(path, (b) => b, (b) => b, Buffer.alloc(0), (err, resp) => {
-      gc.close();
-      resolve({ err, resp, ms: Date.now() - t0 });
-    });
-  }), timeoutMs, `call ${path}`);
-}
-
-function rawCall(port, headers, body, timeoutMs = 5000) {
-  return L.withTimeout(new Promise((resolve) => {
-    const s = http2.connect(`http://127.0.0.1:${port}`);
-    s.on('error', (e) => resolve({ sessionError: e.message }));
-    const out = {};
-    const req = s.request({ ':method': 'POST', 'content-type': 'application/grpc', te: 'trailers', ...headers });
-    req.on('response', (h, flags) => { out.headers = h; out.headersEndStream = !!(flags & 1); });
-    req.on('trailers', (t) => { out.trailers = t; });
-    req.on('data', () => {});
-    req.on('error', (e) => { out.error = e.message; });
-    req.on('close', () => { out.rstCode = req.rstCode; s.close(); resolve(out); });
-    req.end(body || Buffer.from([0, 0, 0, 0, 0]));
-  }), timeoutMs, 'raw call');
-}
 
 async function spread(c, n) {
   const by = {};
@@ -53,64 +26,40 @@ function healthCheck(port, service) {
 }
 
 async function main() {
-  for (const p of [PX, AD, B1, B2, D1, D2]) if (!(await L.portFree(p))) throw new Error(`port ${p} busy`);
-  let b1 = await L.startBackend(B1, 'b1');
+  await L.requirePortsFree([PX, AD, B1, B2, D1, D2]);
+  const b1 = await L.startBackend(B1, 'b1');
   let b2 = await L.startBackend(B2, 'b2');
-  const px = await L.startProxy('t3', `
-drain_timeout = "1s"
-[admin]
-listen = "127.0.0.1:${AD}"
-[[listeners]]
-name = "edge"
-listen = "127.0.0.1:${PX}"
-[[listeners.routes]]
-service = "echo.Echo"
-cluster = "hc"
-[[listeners.routes]]
-service = "dead.Dead"
-cluster = "dead"
-[[clusters]]
-name = "hc"
-balancer = "round_robin"
-endpoints = ["127.0.0.1:${B1}", "127.0.0.1:${B2}"]
-[clusters.health_check]
-interval = "300ms"
-timeout = "250ms"
-unhealthy_threshold = 2
-healthy_threshold = 1
-service = ""
-[[clusters]]
-name = "dead"
-endpoints = ["127.0.0.1:${D1}", "127.0.0.1:${D2}"]
-connect_timeout = "500ms"
-`, { adminPort: AD, listenPorts: [PX] });
+  const px = await L.startProxy('t3', {
+    admin: AD,
+    listeners: [{ port: PX, routes: [{ service: 'echo.Echo', cluster: 'hc' }, { service: 'dead.Dead', cluster: 'dead' }] }],
+    clusters: [
+      { name: 'hc', endpoints: [B1, B2], extra: 'balancer = "round_robin"\n[clusters.health_check]\ninterval = "300ms"\ntimeout = "250ms"\nunhealthy_threshold = 2\nhealthy_threshold = 1\nservice = ""' },
+      { name: 'dead', endpoints: [D1, D2], extra: 'connect_timeout = "500ms"' },
+    ],
+  });
   const c = L.client(PX);
   try {
     // wait for both endpoints to pass their first check
-    const up = await L.waitFor(async () => {
-      const m = L.parseMetrics(await L.metrics(AD));
-      return L.metricValue(m, 'grpcgate_endpoint_healthy', { cluster: 'hc', endpoint: `127.0.0.1:${B1}` }) === 1 &&
-        L.metricValue(m, 'grpcgate_endpoint_healthy', { cluster: 'hc', endpoint: `127.0.0.1:${B2}` }) === 1;
-    }, 5000);
+    const up = await L.waitFor(() => L.healthyIs(AD, 'hc', [B1, B2], 1), 5000);
     L.check('3.0', 'both health-checked endpoints become healthy', up);
 
     // 3.1 no route
-    let r = await genericUnary(PX, '/other.Svc/Method');
+    let r = await L.bytesUnary(PX, '/other.Svc/Method');
     L.check('3.1', 'no route -> UNIMPLEMENTED (grpc-js client)', r.err && r.err.code === 12, r.err ? `${L.codeName(r.err.code)} '${r.err.details}'` : 'OK?!');
-    let rr = await rawCall(PX, { ':path': '/other.Svc/Method' });
+    let rr = await L.rawCall(PX, { ':path': '/other.Svc/Method' });
     const h = rr.headers || {};
     L.check('3.1b', 'no route, raw h2: HTTP 200, trailers-only (END_STREAM on HEADERS), content-type application/grpc, grpc-status 12',
       h[':status'] === 200 && rr.headersEndStream && h['grpc-status'] === '12' && /^application\/grpc/.test(h['content-type'] || '') && !rr.trailers,
       `headers=${JSON.stringify(h)} endStream=${rr.headersEndStream} trailers=${JSON.stringify(rr.trailers)}`);
     // method of a routed service that the backend does not implement -> backend's UNIMPLEMENTED
-    r = await genericUnary(PX, '/echo.Echo/NoSuchMethod');
+    r = await L.bytesUnary(PX, '/echo.Echo/NoSuchMethod');
     L.check('3.1c', 'routed service, unknown method -> backend UNIMPLEMENTED passes through', r.err && r.err.code === 12, r.err ? `'${r.err.details}'` : '');
 
     // 3.2 all endpoints refusing
-    r = await genericUnary(PX, '/dead.Dead/M');
+    r = await L.bytesUnary(PX, '/dead.Dead/M');
     L.check('3.2', 'all endpoints refuse connections -> UNAVAILABLE, promptly', r.err && r.err.code === 14 && r.ms < 3000,
       r.err ? `${L.codeName(r.err.code)} '${r.err.details}' in ${r.ms}ms` : 'OK?!');
-    r = await genericUnary(PX, '/dead.Dead/M');
+    r = await L.bytesUnary(PX, '/dead.Dead/M');
     L.check('3.2b', 'second call while backing off -> UNAVAILABLE, fast', r.err && r.err.code === 14 && r.ms < 1000,
       r.err ? `${L.codeName(r.err.code)} '${r.err.details}' in ${r.ms}ms` : 'OK?!');
 
@@ -119,10 +68,7 @@ connect_timeout = "500ms"
     L.check('3.3a', 'healthy: calls reach both backends', s.by.b1 > 0 && s.by.b2 > 0 && s.errors.length === 0, JSON.stringify(s));
     b1.health[''] = 'NOT_SERVING';
     const t0 = Date.now();
-    const left = await L.waitFor(async () => {
-      const m = L.parseMetrics(await L.metrics(AD));
-      return L.metricValue(m, 'grpcgate_endpoint_healthy', { cluster: 'hc', endpoint: `127.0.0.1:${B1}` }) === 0;
-    }, 5000, 50);
+    const left = await L.waitFor(() => L.healthyIs(AD, 'hc', [B1], 0), 5000, 50);
     const detectMs = Date.now() - t0;
     s = await spread(c, 20);
     L.check('3.3', 'b1 NOT_SERVING -> marked unhealthy and traffic leaves it', left && !s.by.b1 && s.by.b2 === 20 && s.errors.length === 0,
@@ -132,10 +78,7 @@ connect_timeout = "500ms"
 
     // 3.4 none healthy
     b2.health[''] = 'NOT_SERVING';
-    await L.waitFor(async () => {
-      const m = L.parseMetrics(await L.metrics(AD));
-      return L.metricValue(m, 'grpcgate_endpoint_healthy', { cluster: 'hc', endpoint: `127.0.0.1:${B2}` }) === 0;
-    }, 5000, 50);
+    await L.waitFor(() => L.healthyIs(AD, 'hc', [B2], 0), 5000, 50);
     r = await L.unary(c, { payload: Buffer.from('x') });
     L.check('3.4', 'no healthy endpoint -> UNAVAILABLE', r.err && r.err.code === 14, r.err ? `${L.codeName(r.err.code)} '${r.err.details}'` : `OK from ${r.resp && r.resp.backend}`);
     const ready2 = await L.httpGet(AD, '/ready');
@@ -146,11 +89,7 @@ connect_timeout = "500ms"
     // 3.5 recovery
     b1.health[''] = 'SERVING';
     b2.health[''] = 'SERVING';
-    const rec = await L.waitFor(async () => {
-      const m = L.parseMetrics(await L.metrics(AD));
-      return L.metricValue(m, 'grpcgate_endpoint_healthy', { cluster: 'hc', endpoint: `127.0.0.1:${B1}` }) === 1 &&
-        L.metricValue(m, 'grpcgate_endpoint_healthy', { cluster: 'hc', endpoint: `127.0.0.1:${B2}` }) === 1;
-    }, 5000, 50);
+    const rec = await L.waitFor(() => L.healthyIs(AD, 'hc', [B1, B2], 1), 5000, 50);
     s = await spread(c, 20);
     L.check('3.5', 'recovery: both SERVING again -> traffic on both', rec && s.by.b1 > 0 && s.by.b2 > 0 && s.errors.length === 0, JSON.stringify(s));
     const ready3 = await L.httpGet(AD, '/ready');
@@ -166,10 +105,7 @@ connect_timeout = "500ms"
     s = await spread(c, 20);
     L.check('3.6', 'b2 killed: calls keep succeeding on b1 (connect failover / health)', s.errors.length === 0 && s.by.b1 === 20, JSON.stringify(s));
     b2 = await L.startBackend(B2, 'b2');
-    const back = await L.waitFor(async () => {
-      const m = L.parseMetrics(await L.metrics(AD));
-      return L.metricValue(m, 'grpcgate_endpoint_healthy', { cluster: 'hc', endpoint: `127.0.0.1:${B2}` }) === 1;
-    }, 8000, 100);
+    const back = await L.waitFor(() => L.healthyIs(AD, 'hc', [B2], 1), 8000, 100);
     await L.sleep(300);
     s = await spread(c, 20);
     L.check('3.6b', 'b2 restarted: healthy again and gets traffic', back && s.by.b2 > 0 && s.errors.length === 0, JSON.stringify(s));
@@ -178,13 +114,9 @@ connect_timeout = "500ms"
     // 3.7 health check that times out (backend Check hangs) -> unhealthy
     b1.server.unregister('/grpc.health.v1.Health/Check');
     b1.server.register('/grpc.health.v1.Health/Check', (call, cb) => { /* never answer */ }, (x) => x, (b) => b, 'unary');
-    const hung = await L.waitFor(async () => {
-      const m = L.parseMetrics(await L.metrics(AD));
-      return L.metricValue(m, 'grpcgate_endpoint_healthy', { cluster: 'hc', endpoint: `127.0.0.1:${B1}` }) === 0;
-    }, 5000, 100);
+    const hung = await L.waitFor(() => L.healthyIs(AD, 'hc', [B1], 0), 5000, 100);
     L.check('3.7', 'health Check that never answers (timeout 250ms) -> endpoint unhealthy', hung);
-    const pc = await L.metrics(AD);
-    const mm = L.parseMetrics(pc);
+    const mm = await L.scrape(AD);
     L.info('3.7b', 'health_checks_total after run', JSON.stringify(mm.filter((x) => x.name === 'grpcgate_health_checks_total').map((x) => [x.labels.endpoint, x.labels.result, x.value])));
     L.check('3.8', 'proxy alive', px.exited === null);
   } finally {
@@ -192,8 +124,7 @@ connect_timeout = "500ms"
     await L.stopProxy(px);
     await b1.stop(); await b2.stop();
   }
-  process.exitCode = L.summary('t3_routing_health') ? 1 : 0;
-  setTimeout(() => process.exit(), 500).unref();
+  L.finish('t3_routing_health');
 }
 
-main().catch(async (e) => { console.error(e); await L.stopAllProxies(); process.exit(2); });
+L.run(main);

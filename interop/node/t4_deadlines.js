@@ -34,66 +34,19 @@ function parseTimeoutMs(v) {
   return Number(m[1]) * { H: 3600000, M: 60000, S: 1000, m: 1, u: 1e-3, n: 1e-6 }[m[2]];
 }
 
-function collect(call, timeoutMs = 10000) {
-  return L.withTimeout(new Promise((resolve) => {
-    const out = { msgs: [], status: null };
-    call.on('data', (m) => out.msgs.push(m));
-    call.on('error', () => {});
-    call.on('status', (s) => { out.status = s; resolve(out); });
-  }), timeoutMs, 'stream');
-}
-
-function rawUnary(port, path, headers, timeoutMs = 5000) {
-  return L.withTimeout(new Promise((resolve) => {
-    const s = http2.connect(`http://127.0.0.1:${port}`);
-    s.on('error', (e) => resolve({ sessionError: e.message }));
-    const out = {};
-    const req = s.request({ ':method': 'POST', ':path': path, 'content-type': 'application/grpc', te: 'trailers', ...headers });
-    req.on('response', (h) => { out.headers = h; });
-    req.on('trailers', (t) => { out.trailers = t; });
-    req.on('data', () => {});
-    req.on('error', (e) => { out.error = e.message; });
-    req.on('close', () => { out.rstCode = req.rstCode; s.close(); resolve(out); });
-    req.end(Buffer.from([0, 0, 0, 0, 0]));
-  }), timeoutMs, 'raw');
-}
+const rawUnary = (port, path, headers) => L.rawCall(port, { ':path': path, ...headers });
 const statusOf = (r) => (r.trailers && r.trailers['grpc-status']) || (r.headers && r.headers['grpc-status']);
 
 async function main() {
-  for (const p of [BE, PX, AD, PXT, RAW]) if (!(await L.portFree(p))) throw new Error(`port ${p} busy`);
+  await L.requirePortsFree([BE, PX, AD, PXT, RAW]);
   const be = await L.startBackend(BE, 'b1');
   const raw = await startRaw(RAW);
-  const px = await L.startProxy('t4', `
-drain_timeout = "1s"
-[admin]
-listen = "127.0.0.1:${AD}"
-[[listeners]]
-name = "plain"
-listen = "127.0.0.1:${PX}"
-[[listeners.routes]]
-service = "raw.Raw"
-cluster = "raw"
-[[listeners.routes]]
-service = "echo.Echo"
-cluster = "echo"
-[[listeners]]
-name = "timed"
-listen = "127.0.0.1:${PXT}"
-[[listeners.routes]]
-service = "raw.Raw"
-cluster = "raw"
-timeout = "300ms"
-[[listeners.routes]]
-service = "echo.Echo"
-cluster = "echo"
-timeout = "300ms"
-[[clusters]]
-name = "echo"
-endpoints = ["127.0.0.1:${BE}"]
-[[clusters]]
-name = "raw"
-endpoints = ["127.0.0.1:${RAW}"]
-`, { adminPort: AD, listenPorts: [PX, PXT] });
+  const routes = (timeout) => [{ service: 'raw.Raw', cluster: 'raw', ...timeout }, { service: 'echo.Echo', cluster: 'echo', ...timeout }];
+  const px = await L.startProxy('t4', {
+    admin: AD,
+    listeners: [{ name: 'plain', port: PX, routes: routes({}) }, { name: 'timed', port: PXT, routes: routes({ timeout: '300ms' }) }],
+    clusters: [{ name: 'echo', endpoints: [BE] }, { name: 'raw', endpoints: [RAW] }],
+  });
   const c = L.client(PX);
   const ct = L.client(PXT);
   try {
@@ -140,7 +93,7 @@ endpoints = ["127.0.0.1:${RAW}"]
       `${r.err ? L.codeName(r.err.code) : 'OK'} after ${el}ms`);
     // 4.2d a streaming call whose route timeout expires mid-stream
     t0 = Date.now();
-    let s = await collect(ct.ServerStream({ payload: Buffer.from('x'), count: 20, delayMs: 100 }));
+    let s = await L.collect(ct.ServerStream({ payload: Buffer.from('x'), count: 20, delayMs: 100 }));
     el = Date.now() - t0;
     L.check('4.2d', 'server stream outliving the 300ms route timeout -> some messages then DEADLINE_EXCEEDED', s.status.code === 4 && s.msgs.length >= 1 && s.msgs.length <= 4 && el < 1000,
       `${L.codeName(s.status.code)} '${s.status.details}' msgs=${s.msgs.length} after ${el}ms`);
@@ -235,7 +188,7 @@ endpoints = ["127.0.0.1:${RAW}"]
 
     // 4.4 metrics counted
     await L.sleep(300);
-    const m = L.parseMetrics(await L.metrics(AD));
+    const m = await L.scrape(AD);
     const de = L.metricValue(m, 'grpcgate_requests_total', { listener: 'timed', grpc_status: 'DEADLINE_EXCEEDED' });
     const dep = L.metricValue(m, 'grpcgate_requests_total', { listener: 'plain', grpc_status: 'DEADLINE_EXCEEDED' });
     const cat = L.metricValue(m, 'grpcgate_requests_total', { listener: 'timed', grpc_status: 'CANCELLED' });
@@ -264,8 +217,7 @@ endpoints = ["127.0.0.1:${RAW}"]
     await be.stop();
     raw.server.close();
   }
-  process.exitCode = L.summary('t4_deadlines') ? 1 : 0;
-  setTimeout(() => process.exit(), 500).unref();
+  L.finish('t4_deadlines');
 }
 
-main().catch(async (e) => { console.error(e); await L.stopAllProxies(); process.exit(2); });
+L.run(main);

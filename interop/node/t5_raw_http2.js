@@ -88,27 +88,13 @@ function sensible(r) {
 }
 
 async function main() {
-  for (const p of [BE, PX, AD, PXA]) if (!(await L.portFree(p))) throw new Error(`port ${p} busy`);
+  await L.requirePortsFree([BE, PX, AD, PXA]);
   const be = await L.startBackend(BE, 'b1');
-  const px = await L.startProxy('t5', `
-drain_timeout = "1s"
-[admin]
-listen = "127.0.0.1:${AD}"
-[[listeners]]
-name = "edge"
-listen = "127.0.0.1:${PX}"
-[[listeners.routes]]
-service = "echo.Echo"
-cluster = "echo"
-[[listeners]]
-name = "any"
-listen = "127.0.0.1:${PXA}"
-[[listeners.routes]]
-cluster = "echo"
-[[clusters]]
-name = "echo"
-endpoints = ["127.0.0.1:${BE}"]
-`, { adminPort: AD, listenPorts: [PX, PXA] });
+  const px = await L.startProxy('t5', {
+    admin: AD,
+    listeners: [{ port: PX, routes: [{ service: 'echo.Echo', cluster: 'echo' }] }, { name: 'any', port: PXA, routes: [{ cluster: 'echo' }] }],
+    clusters: [{ name: 'echo', endpoints: [BE] }],
+  });
   const c = L.client(PX);
   const alive = async () => {
     const r = await L.unary(c, { payload: Buffer.from('ping') }, { timeoutMs: 3000 }).catch((e) => ({ err: { code: -1, details: e.message } }));
@@ -252,8 +238,7 @@ endpoints = ["127.0.0.1:${BE}"]
   c.close();
   await L.stopProxy(px);
   await be.stop();
-  process.exitCode = L.summary('t5_raw_http2') ? 1 : 0;
-  setTimeout(() => process.exit(), 500).unref();
+  L.finish('t5_raw_http2');
 }
 
-main().catch(async (e) => { console.error(e); await L.stopAllProxies(); process.exit(2); });
+L.run(main);

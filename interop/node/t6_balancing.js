@@ -43,44 +43,19 @@ function streamSpread(c, n) {
 }
 
 async function main() {
-  for (const p of [...B, RR, LR, JSQ, AD, W]) if (!(await L.portFree(p))) throw new Error(`port ${p} busy`);
+  await L.requirePortsFree([...B, RR, LR, JSQ, AD, W]);
   const bes = [];
   bes.push(await L.startBackend(B[0], 'b1'));
   bes.push(await L.startBackend(B[1], 'b2'));
   bes.push(await L.startBackend(B[2], 'b3'));
-  const eps = B.map((p) => `"127.0.0.1:${p}"`).join(', ');
-  const listener = (name, port, cluster) => `
-[[listeners]]
-name = "${name}"
-listen = "127.0.0.1:${port}"
-[[listeners.routes]]
-cluster = "${cluster}"
-`;
-  const px = await L.startProxy('t6', `
-drain_timeout = "1s"
-[admin]
-listen = "127.0.0.1:${AD}"
-${listener('rr', RR, 'rr')}
-${listener('lr', LR, 'lr')}
-${listener('jsq', JSQ, 'jsq')}
-${listener('w', W, 'w')}
-[[clusters]]
-name = "rr"
-balancer = "round_robin"
-endpoints = [${eps}]
-[[clusters]]
-name = "lr"
-balancer = "least_request"
-endpoints = [${eps}]
-[[clusters]]
-name = "jsq"
-balancer = "join_shortest_queue"
-endpoints = [${eps}]
-[[clusters]]
-name = "w"
-balancer = "round_robin"
-endpoints = [{ address = "127.0.0.1:${B[0]}", weight = 1 }, { address = "127.0.0.1:${B[1]}", weight = 3 }]
-`, { adminPort: AD, listenPorts: [RR, LR, JSQ, W] });
+  const listener = (name, port) => ({ name, port, routes: [{ cluster: name }] });
+  const balanced = (name, balancer, endpoints = B) => ({ name, endpoints, extra: `balancer = "${balancer}"` });
+  const px = await L.startProxy('t6', {
+    admin: AD,
+    listeners: [listener('rr', RR), listener('lr', LR), listener('jsq', JSQ), listener('w', W)],
+    clusters: [balanced('rr', 'round_robin'), balanced('lr', 'least_request'), balanced('jsq', 'join_shortest_queue'),
+      balanced('w', 'round_robin', [{ address: `127.0.0.1:${B[0]}`, weight: 1 }, { address: `127.0.0.1:${B[1]}`, weight: 3 }])],
+  });
   const crr = L.client(RR), clr = L.client(LR), cjsq = L.client(JSQ), cw = L.client(W);
   try {
     let s = await sequential(crr, 300);
@@ -113,7 +88,7 @@ endpoints = [{ address = "127.0.0.1:${B[0]}", weight = 1 }, { address = "127.0.0
     s = await sequential(cw, 200);
     L.check('6.4', 'round_robin weights 1:3 -> 50/150', s.errs === 0 && s.by.b1 === 50 && s.by.b2 === 150, JSON.stringify(s));
 
-    const m = L.parseMetrics(await L.metrics(AD));
+    const m = await L.scrape(AD);
     const perEp = B.map((p) => L.metricValue(m, 'grpcgate_requests_total', { listener: 'rr', cluster: 'rr', endpoint: `127.0.0.1:${p}`, grpc_status: 'OK' }));
     L.check('6.5', 'requests_total{listener=rr,cluster=rr,endpoint=host:port,grpc_status=OK} per endpoint present', perEp.every((v) => v > 0), JSON.stringify(perEp));
     L.check('6.6', 'proxy alive', px.exited === null);
@@ -122,8 +97,7 @@ endpoints = [{ address = "127.0.0.1:${B[0]}", weight = 1 }, { address = "127.0.0
     await L.stopProxy(px);
     for (const b of bes) await b.stop();
   }
-  process.exitCode = L.summary('t6_balancing') ? 1 : 0;
-  setTimeout(() => process.exit(), 500).unref();
+  L.finish('t6_balancing');
 }
 
-main().catch(async (e) => { console.error(e); await L.stopAllProxies(); process.exit(2); });
+L.run(main);

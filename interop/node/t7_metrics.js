@@ -7,12 +7,6 @@ const { grpc } = L;
 
 const B1 = 22170, B2 = 22171, AD = 22172, PX = 22173, DEAD = 22179;
 
-function genericUnary(port, path) {
-  const gc = new grpc.Client(`127.0.0.1:${port}`, grpc.credentials.createInsecure());
-  return L.withTimeout(new Promise((resolve) => {
-    gc.makeUnaryRequest(path, (b) => b, (b) => b, Buffer.alloc(0), (err) => { gc.close(); resolve(err); });
-  }), 5000, path);
-}
 function req(port, method, p) {
   return new Promise((resolve, reject) => {
     const r = http.request({ host: '127.0.0.1', port, method, path: p, timeout: 2000 }, (res) => {
@@ -23,49 +17,27 @@ function req(port, method, p) {
 }
 
 async function main() {
-  for (const p of [B1, B2, AD, PX, DEAD]) if (!(await L.portFree(p))) throw new Error(`port ${p} busy`);
+  await L.requirePortsFree([B1, B2, AD, PX, DEAD]);
   const b1 = await L.startBackend(B1, 'b1');
   const b2 = await L.startBackend(B2, 'b2');
-  const px = await L.startProxy('t7', `
-drain_timeout = "1s"
-[admin]
-listen = "127.0.0.1:${AD}"
-[[listeners]]
-name = "edge"
-listen = "127.0.0.1:${PX}"
-[[listeners.routes]]
-service = "echo.Echo"
-method = "ClientStream"
-cluster = "echo"
-timeout = "200ms"
-[[listeners.routes]]
-service = "echo.Echo"
-cluster = "echo"
-[[listeners.routes]]
-service = "dead.Dead"
-cluster = "dead"
-[[clusters]]
-name = "echo"
-endpoints = ["127.0.0.1:${B1}", "127.0.0.1:${B2}"]
-[clusters.health_check]
-interval = "300ms"
-timeout = "250ms"
-[[clusters]]
-name = "dead"
-endpoints = ["127.0.0.1:${DEAD}"]
-`, { adminPort: AD, listenPorts: [PX] });
+  const px = await L.startProxy('t7', {
+    admin: AD,
+    listeners: [{
+      port: PX,
+      routes: [{ service: 'echo.Echo', method: 'ClientStream', cluster: 'echo', timeout: '200ms' },
+        { service: 'echo.Echo', cluster: 'echo' }, { service: 'dead.Dead', cluster: 'dead' }],
+    }],
+    clusters: [{ name: 'echo', endpoints: [B1, B2], extra: '[clusters.health_check]\ninterval = "300ms"\ntimeout = "250ms"' },
+      { name: 'dead', endpoints: [DEAD] }],
+  });
   const c = L.client(PX);
   try {
-    await L.waitFor(async () => {
-      const m = L.parseMetrics(await L.metrics(AD));
-      return L.metricValue(m, 'grpcgate_endpoint_healthy', { cluster: 'echo', endpoint: `127.0.0.1:${B2}` }) === 1 &&
-        L.metricValue(m, 'grpcgate_endpoint_healthy', { cluster: 'echo', endpoint: `127.0.0.1:${B1}` }) === 1;
-    }, 5000);
+    await L.waitFor(() => L.healthyIs(AD, 'echo', [B2, B1], 1), 5000);
     // traffic
     for (let i = 0; i < 10; i++) await L.unary(c, { payload: Buffer.from('ok') });              // OK x10
     for (let i = 0; i < 4; i++) await L.unary(c, { failCode: 5, failMessage: 'nf' });           // NOT_FOUND x4 (backend)
-    for (let i = 0; i < 3; i++) await genericUnary(PX, '/nope.Nope/X');                         // UNIMPLEMENTED x3 (no route)
-    for (let i = 0; i < 2; i++) await genericUnary(PX, '/dead.Dead/X');                         // UNAVAILABLE x2 (unreachable)
+    for (let i = 0; i < 3; i++) await L.bytesUnary(PX, '/nope.Nope/X');                         // UNIMPLEMENTED x3 (no route)
+    for (let i = 0; i < 2; i++) await L.bytesUnary(PX, '/dead.Dead/X');                         // UNAVAILABLE x2 (unreachable)
     {
       // DEADLINE_EXCEEDED via the 200ms route timeout on ClientStream
       await L.withTimeout(new Promise((resolve) => {
@@ -88,7 +60,7 @@ endpoints = ["127.0.0.1:${DEAD}"]
     const m = L.parseMetrics(text);
     await slow;
     await L.sleep(200);
-    const m2 = L.parseMetrics(await L.metrics(AD));
+    const m2 = await L.scrape(AD);
 
     const names = ['grpcgate_requests_total', 'grpcgate_request_duration_seconds_bucket', 'grpcgate_request_duration_seconds_sum', 'grpcgate_request_duration_seconds_count',
       'grpcgate_endpoint_in_flight', 'grpcgate_endpoint_healthy', 'grpcgate_health_checks_total', 'grpcgate_downstream_connections_active'];
@@ -150,9 +122,9 @@ endpoints = ["127.0.0.1:${DEAD}"]
     const conns = L.metricValue(m, 'grpcgate_downstream_connections_active', { listener: 'edge' });
     const c2 = L.client(PX, { 'grpc.use_local_subchannel_pool': 1 });
     await L.unary(c2, { payload: Buffer.from('x') });
-    const conns2 = L.metricValue(L.parseMetrics(await L.metrics(AD)), 'grpcgate_downstream_connections_active', { listener: 'edge' });
+    const conns2 = L.metricValue(await L.scrape(AD), 'grpcgate_downstream_connections_active', { listener: 'edge' });
     c2.close();
-    const closed = await L.waitFor(async () => L.metricValue(L.parseMetrics(await L.metrics(AD)), 'grpcgate_downstream_connections_active', { listener: 'edge' }) === conns, 3000);
+    const closed = await L.waitFor(async () => L.metricValue(await L.scrape(AD), 'grpcgate_downstream_connections_active', { listener: 'edge' }) === conns, 3000);
     L.check('7.12', 'downstream_connections_active: +1 with a second channel, back after it closes', conns >= 1 && conns2 === conns + 1 && closed, `before=${conns} with2=${conns2} closedBack=${closed}`);
 
     // admin endpoints
@@ -170,8 +142,7 @@ endpoints = ["127.0.0.1:${DEAD}"]
     await L.stopProxy(px);
     await b1.stop(); await b2.stop();
   }
-  process.exitCode = L.summary('t7_metrics') ? 1 : 0;
-  setTimeout(() => process.exit(), 500).unref();
+  L.finish('t7_metrics');
 }
 
-main().catch(async (e) => { console.error(e); await L.stopAllProxies(); process.exit(2); });
+L.run(main);

@@ -11,35 +11,15 @@ const { grpc } = L;
 const BE = 22180, BE2 = 22181, AD = 22182, PX = 22183, PXS = 22184;
 
 async function main() {
-  for (const p of [BE, BE2, AD, PX, PXS]) if (!(await L.portFree(p))) throw new Error(`port ${p} busy`);
+  await L.requirePortsFree([BE, BE2, AD, PX, PXS]);
   const be = await L.startBackend(BE, 'b1');
   const be2 = await L.startBackend(BE2, 'limited', { serverOptions: { 'grpc.max_concurrent_streams': 2 } });
-  const px = await L.startProxy('t8', `
-drain_timeout = "1s"
-[admin]
-listen = "127.0.0.1:${AD}"
-[[listeners]]
-name = "edge"
-listen = "127.0.0.1:${PX}"
-[[listeners.routes]]
-service = "echo.Echo"
-method = "Unary"
-cluster = "echo"
-[[listeners.routes]]
-cluster = "limited"
-[[listeners]]
-name = "small"
-listen = "127.0.0.1:${PXS}"
-max_concurrent_streams = 3
-[[listeners.routes]]
-cluster = "echo"
-[[clusters]]
-name = "echo"
-endpoints = ["127.0.0.1:${BE}"]
-[[clusters]]
-name = "limited"
-endpoints = ["127.0.0.1:${BE2}"]
-`, { adminPort: AD, listenPorts: [PX, PXS] });
+  const px = await L.startProxy('t8', {
+    admin: AD,
+    listeners: [{ port: PX, routes: [{ service: 'echo.Echo', method: 'Unary', cluster: 'echo' }, { cluster: 'limited' }] },
+      { name: 'small', port: PXS, extra: 'max_concurrent_streams = 3', routes: [{ cluster: 'echo' }] }],
+    clusters: [{ name: 'echo', endpoints: [BE] }, { name: 'limited', endpoints: [BE2] }],
+  });
   try {
     // 8.1 keepalive: the client part runs in a child process with keepalive tracing on
     // async spawn: the backends live in this process and must keep running meanwhile
@@ -85,9 +65,7 @@ endpoints = ["127.0.0.1:${BE2}"]
       `${10 - bad.length}/10 OK in ${el}ms${bad.length ? '; failures: ' + bad.map((b) => `${L.codeName(b.code)} '${b.details}'`).slice(0, 3).join('; ') : ''}`);
     // unary variant, 20 calls
     const c2 = L.client(PX);
-    const u = await Promise.all(Array.from({ length: 20 }, () => L.withTimeout(new Promise((resolve) => {
-      c2.makeUnaryRequest('/echo.Echo/ClientStream', (b) => b, (b) => b, Buffer.alloc(0), (err) => resolve(err));
-    }), 15000, 'x')));
+    const u = await Promise.all(Array.from({ length: 20 }, async () => (await L.bytesUnary(c2, '/echo.Echo/ClientStream', { timeoutMs: 15000 })).err));
     // (ClientStream via makeUnaryRequest = one request message; goes to "limited" via catch-all)
     const ubad = u.filter((e) => e);
     L.check('8.2b', 'backend max_concurrent_streams=2: 20 concurrent client-stream calls all succeed', ubad.length === 0,
@@ -108,8 +86,7 @@ endpoints = ["127.0.0.1:${BE2}"]
     await L.stopProxy(px);
     await be.stop(); await be2.stop();
   }
-  process.exitCode = L.summary('t8_keepalive_streams') ? 1 : 0;
-  setTimeout(() => process.exit(), 500).unref();
+  L.finish('t8_keepalive_streams');
 }
 
 // Child: a keepalive client that runs ~10 s of mixed activity and reports.
@@ -137,7 +114,7 @@ async function keepaliveClient(port, adminPort) {
   });
   while (Date.now() - t0 < 10500) {
     states.push(grpc.connectivityState[ch.getConnectivityState(false)]);
-    const m = L.parseMetrics(await L.metrics(adminPort));
+    const m = await L.scrape(adminPort);
     connsMax = Math.max(connsMax, L.metricValue(m, 'grpcgate_downstream_connections_active', { listener: 'edge' }) || 0);
     if (Date.now() - t0 > 6000 && Date.now() - t0 < 6600) {
       const r = await L.unary(c, { payload: Buffer.from('mid') });
@@ -150,7 +127,7 @@ async function keepaliveClient(port, adminPort) {
   calls++; if (!last.err) okCalls++; else errors.push(`${last.err.code} ${last.err.details}`);
   if (s.code) errors.push(`stream ${s.code} ${s.details}`);
   states.push(grpc.connectivityState[ch.getConnectivityState(false)]);
-  const connsAfter = L.metricValue(L.parseMetrics(await L.metrics(adminPort)), 'grpcgate_downstream_connections_active', { listener: 'edge' });
+  const connsAfter = L.metricValue(await L.scrape(adminPort), 'grpcgate_downstream_connections_active', { listener: 'edge' });
   const ok = okCalls === calls && s.code === 0 && s.n === 10;
   console.log('RESULT ' + JSON.stringify({ ok, errors, calls, okCalls, streamMsgs: s.n, streamStatus: s.code, states, connsMax, connsAfter }));
   c.close();
@@ -160,5 +137,5 @@ async function keepaliveClient(port, adminPort) {
 if (process.argv[2] === '--keepalive-client') {
   keepaliveClient(Number(process.argv[3]), Number(process.argv[4])).catch((e) => { console.log('RESULT ' + JSON.stringify({ ok: false, error: e.message, states: [] })); process.exit(1); });
 } else {
-  main().catch(async (e) => { console.error(e); await L.stopAllProxies(); process.exit(2); });
+  L.run(main);
 }

@@ -42,38 +42,20 @@ function startRaw(port) {
 }
 
 function call(c, mode, deadlineMs = 4000) {
-  return L.withTimeout(new Promise((resolve) => {
-    const md = new grpc.Metadata(); md.set('x-mode', mode);
-    const t0 = Date.now();
-    c.makeUnaryRequest('/raw.Raw/M', (b) => b, (b) => b, Buffer.alloc(0), md, { deadline: Date.now() + deadlineMs }, (err) => resolve({ err, ms: Date.now() - t0 }));
-  }), deadlineMs + 2000, mode);
+  const metadata = new grpc.Metadata(); metadata.set('x-mode', mode);
+  return L.bytesUnary(c, '/raw.Raw/M', { metadata, deadlineMs });
 }
 
 async function main() {
-  for (const p of [RAW, G1, G2, PX, AD]) if (!(await L.portFree(p))) throw new Error(`port ${p} busy`);
+  await L.requirePortsFree([RAW, G1, G2, PX, AD]);
   const raw = await startRaw(RAW);
   let g1 = await L.startBackend(G1, 'g1');
   const g2 = await L.startBackend(G2, 'g2');
-  const px = await L.startProxy('t9', `
-drain_timeout = "1s"
-[admin]
-listen = "127.0.0.1:${AD}"
-[[listeners]]
-name = "edge"
-listen = "127.0.0.1:${PX}"
-[[listeners.routes]]
-service = "raw.Raw"
-cluster = "raw"
-[[listeners.routes]]
-service = "echo.Echo"
-cluster = "echo"
-[[clusters]]
-name = "raw"
-endpoints = ["127.0.0.1:${RAW}"]
-[[clusters]]
-name = "echo"
-endpoints = ["127.0.0.1:${G1}", "127.0.0.1:${G2}"]
-`, { adminPort: AD, listenPorts: [PX] });
+  const px = await L.startProxy('t9', {
+    admin: AD,
+    listeners: [{ port: PX, routes: [{ service: 'raw.Raw', cluster: 'raw' }, { service: 'echo.Echo', cluster: 'echo' }] }],
+    clusters: [{ name: 'raw', endpoints: [RAW] }, { name: 'echo', endpoints: [G1, G2] }],
+  });
   const gc = new grpc.Client(`127.0.0.1:${PX}`, grpc.credentials.createInsecure());
   const c = L.client(PX);
   try {
@@ -143,7 +125,6 @@ endpoints = ["127.0.0.1:${G1}", "127.0.0.1:${G2}"]
     for (const s of raw.sessions) s.destroy();
     raw.server.close();
   }
-  process.exitCode = L.summary('t9_upstream_failures') ? 1 : 0;
-  setTimeout(() => process.exit(), 500).unref();
+  L.finish('t9_upstream_failures');
 }
-main().catch(async (e) => { console.error(e); await L.stopAllProxies(); process.exit(2); });
+L.run(main);

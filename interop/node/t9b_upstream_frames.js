@@ -10,15 +10,10 @@ const { startRawFrames } = require('./rawframes');
 const FS = 22195, PX = 22196, AD = 22197;
 const MSG = Buffer.from([0, 0, 0, 0, 0]);
 
-function call(c, deadlineMs = 3000) {
-  return L.withTimeout(new Promise((resolve) => {
-    const t0 = Date.now();
-    c.makeUnaryRequest('/raw.Raw/M', (b) => b, (b) => b, Buffer.alloc(0), new grpc.Metadata(), { deadline: Date.now() + deadlineMs }, (err) => resolve({ err, ms: Date.now() - t0 }));
-  }), deadlineMs + 2000, 'call');
-}
+const call = (c, deadlineMs = 3000) => L.bytesUnary(c, '/raw.Raw/M', { deadlineMs });
 
 async function main() {
-  for (const p of [FS, PX, AD]) if (!(await L.portFree(p))) throw new Error(`port ${p} busy`);
+  await L.requirePortsFree([FS, PX, AD]);
   const rst = [[7, 14], [8, 1], [11, 8], [12, 7], [2, 13], [1, 13]];
   const scripts = [
     (a, sid) => { a.headers(sid); a.data(sid, MSG); a.trailers(sid, 0); },               // sanity
@@ -32,19 +27,9 @@ async function main() {
     (a, sid) => { a.headers(sid); a.data(sid, MSG); a.trailers(sid, 0); },
   ];
   const fs = await startRawFrames(FS, scripts);
-  const px = await L.startProxy('t9b', `
-drain_timeout = "1s"
-[admin]
-listen = "127.0.0.1:${AD}"
-[[listeners]]
-name = "edge"
-listen = "127.0.0.1:${PX}"
-[[listeners.routes]]
-cluster = "raw"
-[[clusters]]
-name = "raw"
-endpoints = ["127.0.0.1:${FS}"]
-`, { adminPort: AD, listenPorts: [PX] });
+  const px = await L.startProxy('t9b', {
+    admin: AD, listeners: [{ port: PX, routes: [{ cluster: 'raw' }] }], clusters: [{ name: 'raw', endpoints: [FS] }],
+  });
   const gc = new grpc.Client(`127.0.0.1:${PX}`, grpc.credentials.createInsecure());
   try {
     let r = await call(gc);
@@ -75,7 +60,6 @@ endpoints = ["127.0.0.1:${FS}"]
     await L.stopProxy(px);
     fs.stop();
   }
-  process.exitCode = L.summary('t9b_upstream_frames') ? 1 : 0;
-  setTimeout(() => process.exit(), 300).unref();
+  L.finish('t9b_upstream_frames');
 }
-main().catch(async (e) => { console.error(e); await L.stopAllProxies(); process.exit(2); });
+L.run(main);

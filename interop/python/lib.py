@@ -3,6 +3,8 @@
 Backends are grpcio servers running in-process (threads); grpcgate runs as a subprocess with a generated
 config. Every wait is bounded. Ports: each script passes its own base in 21000-21999.
 """
+import collections
+import contextlib
 import os
 import signal
 import socket
@@ -60,6 +62,15 @@ class Checker:
         self.record(name, ok, detail)
         return ok
 
+    @contextlib.contextmanager
+    def guard(self, name):
+        """`with c.guard("t1 harness"):` an exception in the block is recorded as a FAIL named `name`
+        (with the traceback) and does not propagate."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001
+            self.record(name, False, f"{rpc_error_desc(e)}\n{traceback.format_exc()}")
+
     def summary(self):
         fails = [r for r in self.results if not r[1]]
         print(f"\n== {self.script}: {len(self.results) - len(fails)} passed, {len(fails)} failed")
@@ -75,6 +86,87 @@ def rpc_error_desc(e):
         except Exception:  # noqa: BLE001
             return repr(e)
     return repr(e)
+
+
+def expect_error(code, fn):
+    """For Checker.check: fn() must fail with grpc status `code`. Returns (ok, detail)."""
+    try:
+        fn()
+    except grpc.RpcError as e:
+        return e.code() == code, rpc_error_desc(e)
+    return False, "no error"
+
+
+def outcome(e=None, details=True):
+    """"OK", or the status name of a grpc.RpcError followed by ": details" (if details)."""
+    if e is None:
+        return "OK"
+    return f"{e.code().name}: {e.details()}" if details else e.code().name
+
+
+def outcomes(futs, details=True):
+    """Counter of the outcomes (see outcome) of call futures, waiting for each."""
+    res = collections.Counter()
+    for f in futs:
+        try:
+            f.result()
+            res["OK"] += 1
+        except grpc.RpcError as e:
+            res[outcome(e, details)] += 1
+    return res
+
+
+def spread(s, n, timeout=5, **req):
+    """n sequential Unary calls: (Counter of answering backends, Counter of error outcomes)."""
+    cnt, errs = collections.Counter(), collections.Counter()
+    for _ in range(n):
+        try:
+            cnt[s.Unary(echo_pb2.EchoRequest(**req), timeout=timeout).backend] += 1
+        except grpc.RpcError as e:
+            errs[outcome(e)] += 1
+    return cnt, errs
+
+
+def run_threads(targets, timeout):
+    """Runs every callable in targets in its own thread, all at once, and joins them (each join bounded)."""
+    ts = [threading.Thread(target=t) for t in targets]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout)
+
+
+def stream_in_background(s, req, timeout):
+    """Reads s.ServerStream(req) to its end in a thread. Returns (thread, result); result gets "n" (messages
+    read), or "err" (rpc_error_desc) and "code" (status name) when the call fails."""
+    res = {}
+
+    def run():
+        try:
+            res["n"] = len(list(s.ServerStream(req, timeout=timeout)))
+        except grpc.RpcError as e:
+            res["err"] = rpc_error_desc(e)
+            res["code"] = e.code().name
+    t = threading.Thread(target=run)
+    t.start()
+    return t, res
+
+
+def stop_all(*things):
+    """Closes channels and stops proxies / backends, in the order given (None is skipped)."""
+    for t in things:
+        if t is not None:
+            (t.close if hasattr(t, "close") else t.stop)()
+
+
+@contextlib.contextmanager
+def teardown(*things):
+    """`with teardown(ch, px, be):` stop_all(ch, px, be) when the block ends (also on an exception, which
+    propagates)."""
+    try:
+        yield
+    finally:
+        stop_all(*things)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,6 +443,20 @@ class Proxy:
     def metrics(self):
         return parse_metrics(self.http_get("/metrics")[1])
 
+    def metric(self, name, **labels):
+        """metric() of a fresh scrape."""
+        return metric(self.metrics(), name, **labels)
+
+    def wait_metric(self, name, want, timeout, interval=0.1, **labels):
+        """Waits (bounded) until metric(name, **labels) == want; True if it got there."""
+        return wait_for(lambda: self.metric(name, **labels) == want, timeout, interval)
+
+    def print_log(self, keep=lambda l: "WARN" in l or "ERROR" in l, limit=10, title="proxy log:"):
+        """Prints the proxy log lines for which keep(line) is true (at most `limit`), if any."""
+        lines = [l for l in self.read_log().splitlines() if keep(l)]
+        if lines:
+            print(title, *lines[:limit], sep="\n    ")
+
     def stop(self, timeout=10):
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -418,30 +524,61 @@ def series(m, name):
     return [(dict(ls), v) for (n, ls), v in m.items() if n == name]
 
 
-def basic_config(listen_port, admin_port, clusters, routes=None, extra_listener="", top=""):
-    """clusters: list of (name, [addr...], extra_toml). routes: list of dict or None (catch-all to first)."""
-    lines = [top, "[admin]", f'listen = "127.0.0.1:{admin_port}"', "",
-             "[[listeners]]", 'name = "edge"', f'listen = "127.0.0.1:{listen_port}"', extra_listener]
-    if routes is None:
-        routes = [{"cluster": clusters[0][0]}]
-    for r in routes:
-        lines.append("[[listeners.routes]]")
-        for k, v in r.items():
-            lines.append(f'{k} = "{v}"')
+def _endpoint(e):
+    """An endpoint for the TOML: a port (on 127.0.0.1), "host:port", or a dict (inline table, e.g. a weight)."""
+    if isinstance(e, int):
+        return f'"127.0.0.1:{e}"'
+    if isinstance(e, dict):
+        return "{ " + ", ".join(f"{k} = {v!r}" if isinstance(v, int) else f'{k} = "{v}"' for k, v in e.items()) + " }"
+    return f'"{e}"'
+
+
+def gate_config(admin_port, listeners, clusters, top=""):
+    """grpcgate TOML. listeners: list of (name, port, routes, extra_toml); routes: list of dicts (every value
+    written as a string). clusters: list of (name, [endpoint...], extra_toml), endpoints as for _endpoint."""
+    lines = [top, "[admin]", f'listen = "127.0.0.1:{admin_port}"']
+    for name, port, routes, extra in listeners:
+        lines += ["", "[[listeners]]", f'name = "{name}"', f'listen = "127.0.0.1:{port}"', extra]
+        for r in routes:
+            lines.append("[[listeners.routes]]")
+            for k, v in r.items():
+                lines.append(f'{k} = "{v}"')
     for name, addrs, extra in clusters:
         lines += ["", "[[clusters]]", f'name = "{name}"',
-                  "endpoints = [" + ", ".join(f'"{a}"' for a in addrs) + "]", extra]
+                  "endpoints = [" + ", ".join(_endpoint(a) for a in addrs) + "]", extra]
     return "\n".join(lines) + "\n"
 
 
+def basic_config(listen_port, admin_port, clusters, routes=None, extra_listener="", top=""):
+    """One listener "edge". clusters: list of (name, [endpoint...], extra_toml). routes: list of dict or None
+    (catch-all to the first cluster)."""
+    if routes is None:
+        routes = [{"cluster": clusters[0][0]}]
+    return gate_config(admin_port, [("edge", listen_port, routes, extra_listener)], clusters, top)
+
+
+BIG_OPTS = [("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+
+
 def channel(port, options=(), compression=None):
-    opts = [("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024)] + list(options)
-    return grpc.insecure_channel(f"127.0.0.1:{port}", options=opts, compression=compression)
+    return grpc.insecure_channel(f"127.0.0.1:{port}", options=BIG_OPTS + list(options), compression=compression)
 
 
 def stub(ch):
     return echo_pb2_grpc.EchoStub(ch)
+
+
+@contextlib.contextmanager
+def echo_setup(name, port, admin_port, backend_port, backend_opts=(), client_opts=(), **proxy_kw):
+    """One Backend on backend_port (with backend_opts), proxy `name` on port/admin_port routing every call to
+    it (cluster "echo"), and a client channel (with client_opts). Yields (backend, proxy, channel) and tears
+    them down when the block ends."""
+    be = Backend(backend_port, options=backend_opts)
+    px = Proxy(name, basic_config(port, admin_port, [("echo", [be.addr], "")]), port, admin_port, **proxy_kw)
+    ch = channel(port, options=client_opts)
+    with teardown(ch, px, be):
+        yield be, px, ch
 
 
 def wait_for(fn, timeout, interval=0.1):
@@ -454,7 +591,3 @@ def wait_for(fn, timeout, interval=0.1):
             pass
         time.sleep(interval)
     return False
-
-
-BIG_OPTS = [("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024)]

@@ -8,7 +8,7 @@ import sys
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lib import Backend, Proxy, rpc_error_desc
+from lib import Backend, Proxy, basic_config, rpc_error_desc, teardown
 
 P, ADMIN, B1 = 21380, 21389, 21381
 NAME = "a" * 40
@@ -17,11 +17,9 @@ NAME = "a" * 40
 def main():
     be = Backend(B1, health=True)
     be.health.set(NAME, health_pb2.HealthCheckResponse.SERVING)
-    cfg = (f'[admin]\nlisten = "127.0.0.1:{ADMIN}"\n[[listeners]]\nname = "edge"\nlisten = "127.0.0.1:{P}"\n'
-           f'[[listeners.routes]]\ncluster = "{NAME}"\n[[clusters]]\nname = "{NAME}"\nendpoints = ["127.0.0.1:{B1}"]\n')
-    px = Proxy("repro-health-gzip", cfg, P, ADMIN)
+    px = Proxy("repro-health-gzip", basic_config(P, ADMIN, [(NAME, [B1], "")]), P, ADMIN)
     rc = 0
-    try:
+    with teardown(px, be):
         for port, label in ((B1, "grpcio server"), (P, "grpcgate")):
             for comp in (None, grpc.Compression.Gzip):
                 ch = grpc.insecure_channel(f"127.0.0.1:{port}", compression=comp)
@@ -33,9 +31,6 @@ def main():
                     rc = 1
                 print(f"{label:14} compression={comp}: {out}")
                 ch.close()
-    finally:
-        px.stop()
-        be.stop()
     print("RESULT:", "FAIL" if rc else "PASS")
     return rc
 

@@ -13,7 +13,7 @@ import time
 
 import grpc
 
-from lib import BIG_OPTS, Backend, Proxy, basic_config, channel, echo_pb2, metric, rpc_error_desc, stub
+from lib import BIG_OPTS, Backend, Proxy, basic_config, channel, echo_pb2, metric, rpc_error_desc, stop_all, stub
 
 P, ADMIN, B1 = 21360, 21369, 21361
 
@@ -52,11 +52,7 @@ def main():
     finally:
         for call in calls:
             call.cancel()
-        for chx in chs:
-            chx.close()
-        if px:
-            px.stop()
-        be.stop()
+        stop_all(*chs, px, be)
     print("RESULT:", "PASS" if ok else "FAIL", f"(N={n}, {'direct' if direct else 'via grpcgate'}, "
           f"{'separate connections' if sep else 'shared subchannel'})")
     return 0 if ok else 1

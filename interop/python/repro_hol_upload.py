@@ -11,7 +11,7 @@ import time
 
 import grpc
 
-from lib import BIG_OPTS, Backend, Proxy, basic_config, channel, echo_pb2, rpc_error_desc, stub
+from lib import BIG_OPTS, Backend, Proxy, basic_config, channel, echo_pb2, rpc_error_desc, stop_all, stub
 
 P, ADMIN, B1 = 21370, 21379, 21371
 
@@ -49,10 +49,7 @@ def main():
         stop.set()
         for f in futs:
             f.cancel()
-        ch.close()
-        if px:
-            px.stop()
-        be.stop()
+        stop_all(ch, px, be)
     print("RESULT:", "PASS" if ok else "FAIL", f"(N={n}, {'direct' if direct else 'via grpcgate'})")
     return 0 if ok else 1
 

@@ -12,7 +12,7 @@ import time
 
 import grpc
 
-from lib import Backend, Proxy, basic_config, channel, echo_pb2, stub
+from lib import Backend, Proxy, basic_config, channel, echo_pb2, stub, teardown
 
 P, ADMIN, B1 = 21560, 21569, 21561
 IDLE_MS = 500
@@ -31,7 +31,7 @@ def main():
     res = collections.Counter()
     examples = []
     rnd = random.Random(5)
-    try:
+    with teardown(ch, px, be):
         for i in range(n):
             try:
                 s.Unary(echo_pb2.EchoRequest(), timeout=5)
@@ -41,11 +41,6 @@ def main():
                 if len(examples) < 2:
                     examples.append(e.details())
             time.sleep(GAP * rnd.uniform(0.9, 1.1))
-    finally:
-        ch.close()
-        if px:
-            px.stop()
-        be.stop()
     print(f"{'direct' if direct else 'via grpcgate'}: {n} calls -> {dict(res)}")
     for ex in examples:
         print("   e.g.", ex)

@@ -12,7 +12,7 @@ import time
 
 import grpc
 
-from lib import Backend, Proxy, basic_config, channel, echo_pb2, stub
+from lib import Backend, Proxy, basic_config, channel, echo_pb2, series, stop_all, stub
 
 P, ADMIN, B1, B2 = 21600, 21609, 21601, 21602
 
@@ -58,11 +58,8 @@ def main():
         for t in ts:
             t.join(10)
         ch.close()
-        from lib import series
         status = [(l["endpoint"], l["grpc_status"], v) for l, v in series(px.metrics(), "grpcgate_requests_total")]
-        px.stop()
-        for b in bs:
-            b.stop()
+        stop_all(px, *bs)
     print(f"{rounds} rolling rounds: {dict(res)}")
     print("   proxy counted:", status)
     for ex, n in examples.most_common(4):

@@ -3,27 +3,15 @@ not share evenly; the endpoint after the unavailable one in config order gets tw
 Run: ./venv/bin/python repro_rr_skew.py"""
 import collections
 import sys
-import time
 
-from lib import Backend, Proxy, channel, echo_pb2, metric, stub, wait_for
+from lib import Backend, Proxy, basic_config, channel, echo_pb2, stub, teardown
 
 P, ADMIN, B1, B2, B3 = 21440, 21449, 21441, 21442, 21443
 
 
 def cfg(hc):
     h = '[clusters.health_check]\ninterval = "200ms"\ntimeout = "150ms"\n' if hc else ""
-    return f"""[admin]
-listen = "127.0.0.1:{ADMIN}"
-[[listeners]]
-name = "edge"
-listen = "127.0.0.1:{P}"
-[[listeners.routes]]
-cluster = "echo"
-[[clusters]]
-name = "echo"
-balancer = "round_robin"
-endpoints = ["127.0.0.1:{B1}", "127.0.0.1:{B2}", "127.0.0.1:{B3}"]
-{h}"""
+    return basic_config(P, ADMIN, [("echo", [B1, B2, B3], 'balancer = "round_robin"\n' + h)])
 
 
 def main():
@@ -33,22 +21,17 @@ def main():
         px = Proxy(f"rr-skew-{mode}", cfg(mode == "unhealthy"), P, ADMIN)
         ch = channel(P)
         s = stub(ch)
-        try:
+        with teardown(ch, px, *bs):
             if mode == "unhealthy":
-                wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="echo") == 3, 5)
+                px.wait_metric("grpcgate_endpoint_healthy", 3, 5, cluster="echo")
                 bs[1].set_serving(False)
-                wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="echo") == 2, 5)
+                px.wait_metric("grpcgate_endpoint_healthy", 2, 5, cluster="echo")
             else:
                 bs[1].stop()
             cnt = collections.Counter(s.Unary(echo_pb2.EchoRequest(), timeout=5).backend for _ in range(300))
             even = abs(cnt["b1"] - cnt["b3"]) <= 30
             print(f"b2 {mode}: 300 calls -> {dict(sorted(cnt.items()))}  {'PASS' if even else 'FAIL'} (even would be 150/150)")
             rc |= 0 if even else 1
-        finally:
-            ch.close()
-            px.stop()
-            for b in bs:
-                b.stop()
     return rc
 
 

@@ -14,8 +14,8 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lib import (HERE, Backend, Checker, Proxy, channel, echo_pb2, metric, rpc_error_desc, series, stub,
-                 wait_for, CODES, BIG_OPTS)
+from lib import (HERE, Backend, Checker, Proxy, basic_config, channel, echo_pb2, expect_error, metric,
+                 rpc_error_desc, series, stub, teardown, CODES, BIG_OPTS)
 
 P, ADMIN = 21340, 21349
 B1, B2, B3 = 21341, 21342, 21343
@@ -24,43 +24,28 @@ H1 = 21346     # HTTP/1.1 server
 TO = 5
 
 
-def cfg(clusters, routes=None, top=""):
-    routes = routes or [{"cluster": clusters[0][0]}]
-    out = [top, f'[admin]\nlisten = "127.0.0.1:{ADMIN}"\n', f'[[listeners]]\nname = "edge"\nlisten = "127.0.0.1:{P}"']
-    for r in routes:
-        out.append("[[listeners.routes]]\n" + "\n".join(f'{k} = "{v}"' for k, v in r.items()))
-    for name, eps, extra in clusters:
-        out.append(f'[[clusters]]\nname = "{name}"\nendpoints = [{", ".join(eps)}]\n{extra}')
-    return "\n".join(out) + "\n"
-
-
-def q(port, host="127.0.0.1"):
-    return f'"{host}:{port}"'
+def cfg(clusters, routes=None):
+    return basic_config(P, ADMIN, clusters, routes)
 
 
 def sec_weights(c):
     b1, b2 = Backend(B1, name="b1"), Backend(B2, name="b2")
-    px = Proxy("t10-w", cfg([("echo", [q(B1), f'{{ address = "127.0.0.1:{B2}", weight = 3 }}'], 'balancer = "round_robin"')]), P, ADMIN)
+    px = Proxy("t10-w", cfg([("echo", [B1, {"address": f"127.0.0.1:{B2}", "weight": 3}], 'balancer = "round_robin"')]), P, ADMIN)
     ch = channel(P)
     s = stub(ch)
-    try:
+    with teardown(ch, px, b1, b2):
         cnt = collections.Counter(s.Unary(echo_pb2.EchoRequest(), timeout=TO).backend for _ in range(40))
         c.record("weights 1:3 round_robin: 40 calls -> 10:30", cnt == {"b1": 10, "b2": 30}, str(dict(cnt)))
         m = px.metrics()
         c.record("weighted endpoint's metric label is its address", metric(m, "grpcgate_requests_total", endpoint=f"127.0.0.1:{B2}", grpc_status="OK") == 30)
-    finally:
-        ch.close()
-        px.stop()
-        b1.stop()
-        b2.stop()
 
 
 def sec_codes(c):
     b1 = Backend(B1, name="b1")
-    px = Proxy("t10-codes", cfg([("echo", [q(B1)], "")]), P, ADMIN)
+    px = Proxy("t10-codes", cfg([("echo", [B1], "")]), P, ADMIN)
     ch = channel(P)
     s = stub(ch)
-    try:
+    with teardown(ch, px, b1):
         for n in range(1, 17):
             try:
                 s.Unary(echo_pb2.EchoRequest(fail_code=n, fail_message="m"), timeout=TO)
@@ -114,19 +99,15 @@ def sec_codes(c):
         c.check("bidi: server ends OK after 1st msg while client keeps sending -> OK", early_bidi(False))
         c.check("bidi: server aborts after 1st msg while client keeps sending -> ABORTED", early_bidi(True))
         c.record("still fine afterwards", s.Unary(echo_pb2.EchoRequest(payload=b"k"), timeout=TO).payload == b"k")
-    finally:
-        ch.close()
-        px.stop()
-        b1.stop()
 
 
 def sec_outlier(c):
     b1, b2 = Backend(B1, name="b1"), Backend(B2, name="b2")
     extra = '[clusters.outlier_detection]\nconsecutive_failures = 3\nbase_ejection_time = "2s"\nmax_ejection_percent = 50\n'
-    px = Proxy("t10-outlier", cfg([("echo", [q(B1), q(B2)], extra)]), P, ADMIN)
+    px = Proxy("t10-outlier", cfg([("echo", [B1, B2], extra)]), P, ADMIN)
     ch = channel(P)
     s = stub(ch)
-    try:
+    with teardown(ch, px, b1, b2):
         b2.servicer.fail_all = grpc.StatusCode.UNAVAILABLE
         res = collections.Counter()
         for _ in range(12):
@@ -140,14 +121,9 @@ def sec_outlier(c):
         c.record("outlier detection: 3 backend UNAVAILABLEs in a row eject b2 (ejections_total 1, healthy 0), rest to b1",
                  res["UNAVAILABLE"] == 3 and res["b1"] == 9 and ej == 1 and hl == 0, f"{dict(res)} ejections={ej} healthy={hl}")
         b2.servicer.fail_all = None
-        ok = wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="echo", endpoint=f"127.0.0.1:{B2}") == 1, 4)
+        ok = px.wait_metric("grpcgate_endpoint_healthy", 1, 4, cluster="echo", endpoint=f"127.0.0.1:{B2}")
         cnt = collections.Counter(s.Unary(echo_pb2.EchoRequest(), timeout=TO).backend for _ in range(10))
         c.record("ejected endpoint returns after base_ejection_time and gets traffic", ok and cnt.get("b2", 0) >= 4, f"{dict(cnt)}")
-    finally:
-        ch.close()
-        px.stop()
-        b1.stop()
-        b2.stop()
 
 
 def sec_bad_endpoints(c):
@@ -160,8 +136,8 @@ def sec_bad_endpoints(c):
     ht = threading.Thread(target=hs.serve_forever, daemon=True)
     ht.start()
     b1 = Backend(B1, name="b1")
-    clusters = [("bh", [q(BH)], 'connect_timeout = "500ms"'), ("h1", [q(H1)], 'connect_timeout = "500ms"'),
-                ("mixed", [q(BH), q(H1), q(B1)], 'connect_timeout = "500ms"\nbalancer = "round_robin"')]
+    clusters = [("bh", [BH], 'connect_timeout = "500ms"'), ("h1", [H1], 'connect_timeout = "500ms"'),
+                ("mixed", [BH, H1, B1], 'connect_timeout = "500ms"\nbalancer = "round_robin"')]
     routes = [{"service": "echo.Echo", "method": "Unary", "cluster": "mixed"},
               {"service": "echo.Echo", "method": "ServerStream", "cluster": "bh"},
               {"service": "echo.Echo", "method": "ClientStream", "cluster": "h1"}]
@@ -179,13 +155,8 @@ def sec_bad_endpoints(c):
                 return e.code() == grpc.StatusCode.UNAVAILABLE and el < 1.5, f"{rpc_error_desc(e)} after {el:.2f}s"
         c.check("endpoint that accepts TCP but never speaks HTTP/2: UNAVAILABLE after connect_timeout 500ms", blackhole)
 
-        def http1():
-            try:
-                s.ClientStream(iter([echo_pb2.EchoRequest()]), timeout=TO)
-                return False, "OK?"
-            except grpc.RpcError as e:
-                return e.code() == grpc.StatusCode.UNAVAILABLE, rpc_error_desc(e)
-        c.check("endpoint that is an HTTP/1.1 server: UNAVAILABLE", http1)
+        c.check("endpoint that is an HTTP/1.1 server: UNAVAILABLE", lambda: expect_error(
+            grpc.StatusCode.UNAVAILABLE, lambda: s.ClientStream(iter([echo_pb2.EchoRequest()]), timeout=TO)))
 
         def mixed():
             res = collections.Counter()
@@ -209,10 +180,10 @@ def sec_health_routes(c):
     b1 = Backend(B1, name="b1", health=True)
     b2 = Backend(B2, name="b2", health=True)
     routes = [{"service": "grpc.health.v1.Health", "cluster": "hb"}, {"cluster": "echo"}]
-    px = Proxy("t10-hr", cfg([("echo", [q(B1)], ""), ("hb", [q(B2)], "")], routes), P, ADMIN)
+    px = Proxy("t10-hr", cfg([("echo", [B1], ""), ("hb", [B2], "")], routes), P, ADMIN)
     ch = channel(P)
     hs = health_pb2_grpc.HealthStub(ch)
-    try:
+    with teardown(ch, px):
         b2.set_serving(False)
         r = hs.Check(health_pb2.HealthCheckRequest(service=""), timeout=TO)
         c.record("route service=grpc.health.v1.Health: Check forwarded to the backend (NOT_SERVING from b2)",
@@ -228,13 +199,10 @@ def sec_health_routes(c):
             return first == health_pb2.HealthCheckResponse.NOT_SERVING and second == health_pb2.HealthCheckResponse.SERVING, \
                 f"{first} -> {second}"
         c.check("Health/Watch routed to the backend: initial + update streamed", watch)
-    finally:
-        ch.close()
-        px.stop()
-    px = Proxy("t10-hr2", cfg([("echo", [q(B1)], "")]), P, ADMIN)
+    px = Proxy("t10-hr2", cfg([("echo", [B1], "")]), P, ADMIN)
     ch = channel(P)
     hs = health_pb2_grpc.HealthStub(ch)
-    try:
+    with teardown(ch, px, b1, b2):
         def watch_default():
             b1.set_serving(True)
             call = hs.Watch(health_pb2.HealthCheckRequest(service=""), timeout=TO)
@@ -242,37 +210,28 @@ def sec_health_routes(c):
             call.cancel()
             return first == health_pb2.HealthCheckResponse.SERVING, str(first)
         c.check("Health/Watch without a health route goes to the catch-all route's backend", watch_default)
-    finally:
-        ch.close()
-        px.stop()
-        b1.stop()
-        b2.stop()
 
 
 def sec_thresholds(c):
     b1, b2 = Backend(B1, name="b1", health=True), Backend(B2, name="b2", health=True)
     hc = ('[clusters.health_check]\ninterval = "200ms"\ntimeout = "150ms"\nunhealthy_threshold = 3\nhealthy_threshold = 3\n')
-    px = Proxy("t10-thr", cfg([("echo", [q(B1), q(B2)], hc)]), P, ADMIN)
-    try:
-        ok = wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="echo") == 2, 3, 0.02)
+    px = Proxy("t10-thr", cfg([("echo", [B1, B2], hc)]), P, ADMIN)
+    with teardown(px, b1, b2):
+        ok = px.wait_metric("grpcgate_endpoint_healthy", 2, 3, 0.02, cluster="echo")
         c.record("new endpoints healthy after their first successful check", ok)
-        succ0 = metric(px.metrics(), "grpcgate_health_checks_total", cluster="echo", endpoint=f"127.0.0.1:{B2}", result="failure") or 0
+        succ0 = px.metric("grpcgate_health_checks_total", cluster="echo", endpoint=f"127.0.0.1:{B2}", result="failure") or 0
         t0 = time.monotonic()
         b2.set_serving(False)
-        wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="echo", endpoint=f"127.0.0.1:{B2}") == 0, 3, 0.02)
+        px.wait_metric("grpcgate_endpoint_healthy", 0, 3, 0.02, cluster="echo", endpoint=f"127.0.0.1:{B2}")
         t_unh = time.monotonic() - t0
-        fails = (metric(px.metrics(), "grpcgate_health_checks_total", cluster="echo", endpoint=f"127.0.0.1:{B2}", result="failure") or 0) - succ0
+        fails = (px.metric("grpcgate_health_checks_total", cluster="echo", endpoint=f"127.0.0.1:{B2}", result="failure") or 0) - succ0
         c.record("unhealthy_threshold=3 (interval 200ms): unhealthy after 3 failures (~0.4-0.9s)",
                  0.35 <= t_unh <= 1.2 and fails == 3, f"after {t_unh:.2f}s, {fails} failures counted")
         t0 = time.monotonic()
         b2.set_serving(True)
-        wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="echo", endpoint=f"127.0.0.1:{B2}") == 1, 3, 0.02)
+        px.wait_metric("grpcgate_endpoint_healthy", 1, 3, 0.02, cluster="echo", endpoint=f"127.0.0.1:{B2}")
         t_h = time.monotonic() - t0
         c.record("healthy_threshold=3: healthy again only after 3 successes (~0.4-0.9s)", 0.35 <= t_h <= 1.2, f"after {t_h:.2f}s")
-    finally:
-        px.stop()
-        b1.stop()
-        b2.stop()
 
     # health-check timeout: a backend whose Health/Check hangs
     class SlowHealth(health_pb2_grpc.HealthServicer):
@@ -292,13 +251,13 @@ def sec_thresholds(c):
     srv.add_insecure_port(f"127.0.0.1:{B3}")
     srv.start()
     hc = '[clusters.health_check]\ninterval = "200ms"\ntimeout = "150ms"\nunhealthy_threshold = 2\n'
-    px = Proxy("t10-hto", cfg([("echo", [q(B3)], hc)]), P, ADMIN)
+    px = Proxy("t10-hto", cfg([("echo", [B3], hc)]), P, ADMIN)
     try:
-        ok = wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="echo") == 1, 3, 0.05)
+        ok = px.wait_metric("grpcgate_endpoint_healthy", 1, 3, 0.05, cluster="echo")
         sh.delay = 0.5
-        ok2 = wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="echo") == 0, 3, 0.05)
+        ok2 = px.wait_metric("grpcgate_endpoint_healthy", 0, 3, 0.05, cluster="echo")
         sh.delay = 0
-        ok3 = wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="echo") == 1, 3, 0.05)
+        ok3 = px.wait_metric("grpcgate_endpoint_healthy", 1, 3, 0.05, cluster="echo")
         c.record("health check slower than timeout -> unhealthy; fast again -> healthy", ok and ok2 and ok3, f"{ok} {ok2} {ok3}")
     finally:
         px.stop()
@@ -307,23 +266,20 @@ def sec_thresholds(c):
     # start_healthy
     b1 = Backend(B1, name="b1", health=True)
     hc = '[clusters.health_check]\ninterval = "10s"\ntimeout = "1s"\nstart_healthy = true\n'
-    px = Proxy("t10-sh", cfg([("echo", [q(B1)], hc)]), P, ADMIN)
-    try:
-        v = metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="echo")
+    px = Proxy("t10-sh", cfg([("echo", [B1], hc)]), P, ADMIN)
+    with teardown(px, b1):
+        v = px.metric("grpcgate_endpoint_healthy", cluster="echo")
         c.record("start_healthy = true: healthy before any check", v == 1, f"{v}")
-    finally:
-        px.stop()
-        b1.stop()
 
 
 def sec_kill(c):
     bp = subprocess.Popen([sys.executable, f"{HERE}/backend_proc.py", str(B1), "k1"], stdout=subprocess.PIPE, text=True)
     try:
         ready = bp.stdout.readline().strip() == "ready"
-        px = Proxy("t10-kill", cfg([("echo", [q(B1)], "")]), P, ADMIN)
+        px = Proxy("t10-kill", cfg([("echo", [B1], "")]), P, ADMIN)
         ch = channel(P)
         s = stub(ch)
-        try:
+        with teardown(ch, px):
             got = []
             call = s.ServerStream(echo_pb2.EchoRequest(count=100, delay_ms=100), timeout=15)
             t0 = None
@@ -345,9 +301,6 @@ def sec_kill(c):
             except grpc.RpcError as e:
                 code = e.code().name
             c.record("after the kill: new call -> UNAVAILABLE", code == "UNAVAILABLE", code)
-        finally:
-            ch.close()
-            px.stop()
     finally:
         if bp.poll() is None:
             bp.kill()
@@ -358,9 +311,9 @@ def sec_hol(c):
     """Slow consumers vs the shared upstream connection window: 10 server streams whose clients stop
     reading, then an ordinary call on another channel."""
     b1 = Backend(B1, name="b1", options=BIG_OPTS, workers=40)
-    px = Proxy("t10-hol", cfg([("echo", [q(B1)], "")]), P, ADMIN)
+    px = Proxy("t10-hol", cfg([("echo", [B1], "")]), P, ADMIN)
     chs = [channel(P) for _ in range(10)]
-    try:
+    with teardown(*chs, px, b1):
         calls = []
         for chx in chs:
             call = stub(chx).ServerStream(echo_pb2.EchoRequest(payload=b"h" * (1 << 20), count=30), timeout=30)
@@ -387,11 +340,6 @@ def sec_hol(c):
         for call in calls:
             call.cancel()
         ch.close()
-    finally:
-        for chx in chs:
-            chx.close()
-        px.stop()
-        b1.stop()
 
 
 SECTIONS = dict(weights=sec_weights, codes=sec_codes, outlier=sec_outlier, bad=sec_bad_endpoints,
@@ -401,11 +349,8 @@ SECTIONS = dict(weights=sec_weights, codes=sec_codes, outlier=sec_outlier, bad=s
 def main():
     c = Checker("t10_extras")
     for n in sys.argv[1:] or list(SECTIONS):
-        try:
+        with c.guard(f"{n} harness"):
             SECTIONS[n](c)
-        except Exception as e:  # noqa: BLE001
-            import traceback
-            c.record(f"{n} harness", False, rpc_error_desc(e) + traceback.format_exc())
     return c.summary()
 
 

@@ -7,12 +7,11 @@ Run: ./venv/bin/python t11_protocol_knobs.py [section ...]"""
 import collections
 import os
 import sys
-import threading
 import time
 
 import grpc
 
-from lib import (BIG_OPTS, Backend, Checker, Proxy, basic_config, channel, echo_pb2, metric, rpc_error_desc, stub)
+from lib import BIG_OPTS, Checker, echo_pb2, echo_setup, metric, outcomes, rpc_error_desc, stream_in_background, stub
 
 P, ADMIN, B1 = 21400, 21409, 21401
 TO = 30
@@ -34,21 +33,10 @@ def run_payloads(c, tag, s):
 
 
 def with_setup(c, tag, client_opts, backend_opts, fn):
-    be = Backend(B1, options=BIG_OPTS + backend_opts)
-    px = Proxy(f"t11-{tag}", basic_config(P, ADMIN, [("echo", [be.addr], "")]), P, ADMIN)
-    ch = channel(P, options=client_opts)
-    try:
+    with echo_setup(f"t11-{tag}", P, ADMIN, B1, BIG_OPTS + backend_opts, client_opts) as (be, px, ch), \
+            c.guard(f"{tag} harness"):
         fn(c, tag, stub(ch), px)
-    except Exception as e:  # noqa: BLE001
-        import traceback
-        c.record(f"{tag} harness", False, rpc_error_desc(e) + traceback.format_exc())
-    finally:
-        ch.close()
-        px.stop()
-        be.stop()
-        lines = [l for l in px.read_log().splitlines() if "WARN" in l or "ERROR" in l]
-        if lines:
-            print("proxy log:", *lines[:5], sep="\n   ")
+    px.print_log(limit=5)
 
 
 def sec_frames(c):
@@ -63,25 +51,12 @@ def sec_windows(c):
 
 def sec_burst(c):
     def fn(c, tag, s, px):
-        res = {}
-
-        def long_stream():
-            try:
-                res["n"] = len(list(s.ServerStream(echo_pb2.EchoRequest(count=40, delay_ms=100), timeout=TO)))
-            except grpc.RpcError as e:
-                res["err"] = rpc_error_desc(e)
-        t = threading.Thread(target=long_stream)
-        t.start()
+        t, res = stream_in_background(s, echo_pb2.EchoRequest(count=40, delay_ms=100), TO)
         time.sleep(0.5)
         codes = collections.Counter()
         for rnd in range(5):
             futs = [s.Unary.future(echo_pb2.EchoRequest(delay_ms=50), timeout=0.001 + (i % 3) * 0.001) for i in range(200)]
-            for f in futs:
-                try:
-                    f.result()
-                    codes["OK"] += 1
-                except grpc.RpcError as e:
-                    codes[e.code().name] += 1
+            codes += outcomes(futs, details=False)
         t.join(TO)
         errs = []
         for _ in range(20):

@@ -11,32 +11,17 @@ import time
 
 import grpc
 
-from lib import (BINARY, RUN_DIR, Backend, Checker, Proxy, channel, echo_pb2, metric, rpc_error_desc, stub,
-                 wait_for)
+from lib import (BINARY, RUN_DIR, Backend, Checker, Proxy, basic_config, channel, echo_pb2, outcome,
+                 stop_all, stream_in_background, stub)
 
 P, ADMIN, B1, B2 = 21420, 21429, 21421, 21422
 TO = 5
 
 
 def cfg(listen=P, extra_cluster="", drain="30s", workers=None):
-    w = f"workers = {workers}\n" if workers is not None else ""
-    return f"""drain_timeout = "{drain}"
-{w}
-[admin]
-listen = "127.0.0.1:{ADMIN}"
-[[listeners]]
-name = "edge"
-listen = "127.0.0.1:{listen}"
-[[listeners.routes]]
-cluster = "echo"
-[[clusters]]
-name = "echo"
-endpoints = ["127.0.0.1:{B1}", "127.0.0.1:{B2}"]
-[clusters.health_check]
-interval = "5s"
-timeout = "1s"
-{extra_cluster}
-"""
+    top = f'drain_timeout = "{drain}"' + (f"\nworkers = {workers}" if workers is not None else "")
+    hc = '[clusters.health_check]\ninterval = "5s"\ntimeout = "1s"\n' + extra_cluster
+    return basic_config(listen, ADMIN, [("echo", [B1, B2], hc)], top=top)
 
 
 def upstream_conns():
@@ -50,8 +35,8 @@ def main():
     px = Proxy("t12", cfg(), P, ADMIN)
     ch = channel(P)
     s = stub(ch)
-    try:
-        wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="echo") == 2, 5)
+    with c.guard("t12 harness"):
+        px.wait_metric("grpcgate_endpoint_healthy", 2, 5, cluster="echo")
         for _ in range(10):
             s.Unary(echo_pb2.EchoRequest(), timeout=TO)
         before = upstream_conns()
@@ -66,7 +51,7 @@ def main():
                     s.Unary(echo_pb2.EchoRequest(), timeout=TO)
                     outcomes["OK"] += 1
                 except grpc.RpcError as e:
-                    outcomes[f"{e.code().name}: {e.details()}"] += 1
+                    outcomes[outcome(e)] += 1
 
         def ready():
             while not stop.is_set():
@@ -83,7 +68,7 @@ def main():
         for t in ts:
             t.join(10)
         after = upstream_conns()
-        rl = metric(px.metrics(), "grpcgate_config_reloads_total", result="success")
+        rl = px.metric("grpcgate_config_reloads_total", result="success")
         c.record("5 reloads under traffic: every call OK", list(outcomes) == ["OK"], f"{dict(outcomes)} reloads={rl}")
         c.record("5 reloads: /ready never blips", list(ready_codes) == [200], str(dict(ready_codes)))
         # the proxy's own upstream connections (to B1/B2 from the proxy) are those whose local port is not a
@@ -94,10 +79,10 @@ def main():
 
         # refused reloads
         for label, text in (("listener address changed", cfg(listen=P + 5)), ("workers changed", cfg(workers=1))):
-            f0 = metric(px.metrics(), "grpcgate_config_reloads_total", result="failure") or 0
+            f0 = px.metric("grpcgate_config_reloads_total", result="failure") or 0
             px.write(text)
             px.hup()
-            ok = wait_for(lambda: (metric(px.metrics(), "grpcgate_config_reloads_total", result="failure") or 0) == f0 + 1, 5)
+            ok = px.wait_metric("grpcgate_config_reloads_total", f0 + 1, 5, result="failure")
             works = s.Unary(echo_pb2.EchoRequest(), timeout=TO).backend in ("b1", "b2")
             c.record(f"reload with {label} is refused as a whole, proxy keeps serving", ok and works, f"failure counted={ok}")
         px.write(cfg())
@@ -108,15 +93,7 @@ def main():
         px = Proxy("t12-drain", cfg(drain="1s"), P, ADMIN)
         ch = channel(P)
         s = stub(ch)
-        res = {}
-
-        def long_call():
-            try:
-                res["n"] = len(list(s.ServerStream(echo_pb2.EchoRequest(count=50, delay_ms=100), timeout=20)))
-            except grpc.RpcError as e:
-                res["err"] = rpc_error_desc(e)
-        t = threading.Thread(target=long_call)
-        t.start()
+        t, res = stream_in_background(s, echo_pb2.EchoRequest(count=50, delay_ms=100), 20)
         time.sleep(0.5)
         t0 = time.monotonic()
         px.proc.send_signal(2)   # SIGINT
@@ -148,15 +125,7 @@ def main():
             out = (r.stdout + r.stderr).strip()
             ok = r.returncode != 0 and re.search(pat, out) and re.search(r"t12-check\.toml:\d+:\d+", out)
             c.record(f"--check {label}: non-zero exit, file:line:col and the reason", bool(ok), f"rc={r.returncode} {out[:200]}")
-    except Exception as e:  # noqa: BLE001
-        import traceback
-        c.record("t12 harness", False, rpc_error_desc(e) + traceback.format_exc())
-    finally:
-        if px:
-            ch.close()
-            px.stop()
-        b1.stop()
-        b2.stop()
+    stop_all(ch, px, b1, b2)
     return c.summary()
 
 

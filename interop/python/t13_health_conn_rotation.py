@@ -5,33 +5,18 @@ Run: ./venv/bin/python t13_health_conn_rotation.py [seconds] [only-cases-contain
      e.g. ./venv/bin/python t13_health_conn_rotation.py 8 watch+age   (the failing cases)"""
 import collections
 import sys
-import threading
 import time
 
 import grpc
 
-from lib import Backend, Checker, Proxy, channel, echo_pb2, metric, rpc_error_desc, stub, wait_for
+from lib import Backend, Checker, Proxy, basic_config, channel, echo_pb2, outcome, stub, teardown
 
 P, ADMIN, B1, B2 = 21460, 21469, 21461, 21462
 
 
 def cfg(mode, thr):
-    return f"""[admin]
-listen = "127.0.0.1:{ADMIN}"
-[[listeners]]
-name = "edge"
-listen = "127.0.0.1:{P}"
-[[listeners.routes]]
-cluster = "echo"
-[[clusters]]
-name = "echo"
-endpoints = ["127.0.0.1:{B1}", "127.0.0.1:{B2}"]
-[clusters.health_check]
-mode = "{mode}"
-interval = "300ms"
-timeout = "250ms"
-unhealthy_threshold = {thr}
-"""
+    hc = f'[clusters.health_check]\nmode = "{mode}"\ninterval = "300ms"\ntimeout = "250ms"\nunhealthy_threshold = {thr}\n'
+    return basic_config(P, ADMIN, [("echo", [B1, B2], hc)])
 
 
 def run(c, label, mode, thr, backend_opts, dur):
@@ -39,34 +24,27 @@ def run(c, label, mode, thr, backend_opts, dur):
     px = Proxy(f"t13-{label}", cfg(mode, thr), P, ADMIN)
     ch = channel(P)
     s = stub(ch)
-    try:
-        wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="echo") == 2, 5, 0.05)
-        f0 = metric(px.metrics(), "grpcgate_health_checks_total", cluster="echo", result="failure") or 0
+    with teardown(ch, px, *bs):
+        px.wait_metric("grpcgate_endpoint_healthy", 2, 5, 0.05, cluster="echo")
+        f0 = px.metric("grpcgate_health_checks_total", cluster="echo", result="failure") or 0
         healthy_samples = collections.Counter()
         outcomes = collections.Counter()
         end = time.monotonic() + dur
         while time.monotonic() < end:
-            healthy_samples[metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="echo")] += 1
+            healthy_samples[px.metric("grpcgate_endpoint_healthy", cluster="echo")] += 1
             try:
                 s.Unary(echo_pb2.EchoRequest(), timeout=3)
                 outcomes["OK"] += 1
             except grpc.RpcError as e:
-                outcomes[f"{e.code().name}: {e.details()}"] += 1
+                outcomes[outcome(e)] += 1
             time.sleep(0.05)
-        f1 = metric(px.metrics(), "grpcgate_health_checks_total", cluster="echo", result="failure") or 0
+        f1 = px.metric("grpcgate_health_checks_total", cluster="echo", result="failure") or 0
         ok1 = set(healthy_samples) == {2.0}
         c.record(f"{label}: SERVING backends never marked unhealthy", ok1,
                  f"healthy-count samples={dict(healthy_samples)} failed checks={f1 - f0}")
         c.record(f"{label}: no failed health checks counted", f1 == f0, f"failures={f1 - f0}")
         c.record(f"{label}: traffic all OK", list(outcomes) == ["OK"], str(dict(outcomes))[:300])
-        warn = [l for l in px.read_log().splitlines() if "unhealthy" in l or "broke" in l or "failed" in l]
-        if warn:
-            print("   proxy log:", *warn[:4], sep="\n     ")
-    finally:
-        ch.close()
-        px.stop()
-        for b in bs:
-            b.stop()
+        px.print_log(lambda l: "unhealthy" in l or "broke" in l or "failed" in l, 4, "   proxy log:")
 
 
 def main():

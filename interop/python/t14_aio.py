@@ -114,10 +114,8 @@ async def amain(c):
 
 def main():
     c = Checker("t14_aio")
-    try:
+    with c.guard("t14 harness"):
         asyncio.run(asyncio.wait_for(amain(c), 120))
-    except Exception as e:  # noqa: BLE001
-        c.record("t14 harness", False, repr(e))
     return c.summary()
 
 

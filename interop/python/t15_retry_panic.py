@@ -6,34 +6,21 @@ import sys
 
 import grpc
 
-from lib import Backend, Checker, Proxy, channel, echo_pb2, metric, rpc_error_desc, stub, wait_for
+from lib import Backend, Checker, Proxy, basic_config, channel, echo_pb2, stub, teardown
 
 P, ADMIN, B1, B2, B3 = 21520, 21529, 21521, 21522, 21523
 TO = 5
 
 
-def cfg(eps, extra=""):
-    e = ", ".join(f'"127.0.0.1:{p}"' for p in eps)
-    return f"""[admin]
-listen = "127.0.0.1:{ADMIN}"
-[[listeners]]
-name = "edge"
-listen = "127.0.0.1:{P}"
-[[listeners.routes]]
-cluster = "echo"
-[[clusters]]
-name = "echo"
-balancer = "round_robin"
-endpoints = [{e}]
-{extra}
-"""
+def cfg(ports, extra=""):
+    return basic_config(P, ADMIN, [("echo", ports, 'balancer = "round_robin"\n' + extra)])
 
 
 def main():
     c = Checker("t15_retry_panic")
     bs = [Backend(p, name=f"b{i + 1}", health=True) for i, p in enumerate((B1, B2, B3))]
     px = Proxy("t15", cfg([B1, B2]), P, ADMIN)
-    try:
+    with teardown(px):
         sc = json.dumps({"methodConfig": [{"name": [{"service": "echo.Echo"}], "retryPolicy": {
             "maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.05s", "backoffMultiplier": 2,
             "retryableStatusCodes": ["UNAVAILABLE"]}}]})
@@ -54,30 +41,23 @@ def main():
         c.record("grpcio retry policy: backend-produced UNAVAILABLE (trailers-only) retried, lands on the healthy backend",
                  res == {"b2": 20}, f"{dict(res)} grpc-previous-rpc-attempts at backend={dict(prev)}")
         ch.close()
-    finally:
-        px.stop()
 
     hc = '[clusters.health_check]\ninterval = "200ms"\ntimeout = "150ms"\n'
     px = Proxy("t15-panic", cfg([B1, B2, B3], 'panic_threshold = 50\n' + hc), P, ADMIN)
     ch = channel(P)
     s = stub(ch)
-    try:
-        wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="echo") == 3, 5)
+    with teardown(ch, px, *bs):
+        px.wait_metric("grpcgate_endpoint_healthy", 3, 5, cluster="echo")
         bs[0].set_serving(False)
-        wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="echo") == 2, 5)
+        px.wait_metric("grpcgate_endpoint_healthy", 2, 5, cluster="echo")
         cnt = collections.Counter(s.Unary(echo_pb2.EchoRequest(), timeout=TO).backend for _ in range(30))
         c.record("panic_threshold 50, 2 of 3 available (67%): unhealthy b1 gets nothing", "b1" not in cnt, str(dict(cnt)))
         bs[1].set_serving(False)
-        wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="echo") == 1, 5)
+        px.wait_metric("grpcgate_endpoint_healthy", 1, 5, cluster="echo")
         cnt = collections.Counter(s.Unary(echo_pb2.EchoRequest(), timeout=TO).backend for _ in range(30))
         c.record("panic_threshold 50, 1 of 3 available (33%): panic mode, all 3 get calls", len(cnt) == 3, str(dict(cnt)))
         st, body = px.http_get("/ready")
         c.record("/ready in panic mode (one endpoint still available) is 200", st == 200, f"{st} {body.strip()}")
-    finally:
-        ch.close()
-        px.stop()
-        for b in bs:
-            b.stop()
     return c.summary()
 
 

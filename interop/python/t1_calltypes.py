@@ -3,7 +3,7 @@ Run: ./venv/bin/python t1_calltypes.py"""
 import os
 import sys
 
-from lib import (BIG_OPTS, Backend, Checker, Proxy, basic_config, channel, echo_pb2, rpc_error_desc, stub)
+from lib import BIG_OPTS, Checker, echo_pb2, echo_setup, stub
 
 P, ADMIN, B1 = 21100, 21109, 21101
 TO = 30  # per-call deadline in the checks
@@ -11,11 +11,9 @@ TO = 30  # per-call deadline in the checks
 
 def main():
     c = Checker("t1_calltypes")
-    be = Backend(B1, options=BIG_OPTS)
-    px = Proxy("t1", basic_config(P, ADMIN, [("echo", [be.addr], "")]), P, ADMIN)
-    ch = channel(P)
-    s = stub(ch)
-    try:
+    with echo_setup("t1", P, ADMIN, B1, BIG_OPTS) as (be, px, ch), c.guard("t1 harness"):
+        s = stub(ch)
+
         def unary(size):
             def f():
                 data = os.urandom(size)
@@ -102,13 +100,8 @@ def main():
             bad = [i for i, f in enumerate(futs) if f.result().payload != b"c%d" % i]
             return not bad, f"bad={bad[:5]}"
         c.check("200 concurrent unary calls on one channel", concurrent_unary)
-    except Exception as e:  # noqa: BLE001
-        c.record("t1 harness", False, rpc_error_desc(e))
-    finally:
-        ch.close()
-        rc = px.stop()
-        be.stop()
-        c.record("proxy exits 0 on SIGTERM", rc == 0, f"rc={rc}")
+    rc = px.proc.returncode
+    c.record("proxy exits 0 on SIGTERM", rc == 0, f"rc={rc}")
     return c.summary()
 
 

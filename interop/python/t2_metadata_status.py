@@ -5,8 +5,7 @@ import sys
 
 import grpc
 
-from lib import (Backend, Checker, Proxy, basic_config, channel, echo_pb2, rpc_error_desc, stub,
-                 CODES, ctx_trailing_for_details)
+from lib import Checker, echo_pb2, echo_setup, rpc_error_desc, stub, CODES, ctx_trailing_for_details
 
 P, ADMIN, B1 = 21120, 21129, 21121
 TO = 10
@@ -37,11 +36,9 @@ def norm(md):
 
 def main():
     c = Checker("t2_metadata_status")
-    be = Backend(B1)
-    px = Proxy("t2", basic_config(P, ADMIN, [("echo", [be.addr], "")]), P, ADMIN)
-    ch = channel(P)
-    s = stub(ch)
-    try:
+    with echo_setup("t2", P, ADMIN, B1) as (be, px, ch), c.guard("t2 harness"):
+        s = stub(ch)
+
         def req_md():
             md = REQ_MD + [("x-call-id", "md1")]
             s.Unary(echo_pb2.EchoRequest(payload=b"a"), metadata=md, timeout=TO)
@@ -176,12 +173,6 @@ def main():
             return norm(call.trailing_metadata()) == norm(md) and norm(call.initial_metadata()) == norm(md), \
                 f"trail keys={[k for k, _ in call.trailing_metadata()]}"
         c.check("~6 KB metadata echoed in headers and trailers", big_trailer_md)
-    except Exception as e:  # noqa: BLE001
-        c.record("t2 harness", False, rpc_error_desc(e))
-    finally:
-        ch.close()
-        px.stop()
-        be.stop()
     return c.summary()
 
 

@@ -1,74 +1,26 @@
 """3. Routing errors (UNIMPLEMENTED), unreachable cluster (UNAVAILABLE), grpc.health.v1 checks moving
 traffic (NOT_SERVING / SERVING), metrics names + labels, /healthz, /ready, the proxy's own Health/Check.
 Run: ./venv/bin/python t3_routing_health_metrics.py"""
-import collections
 import sys
 import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lib import (Backend, Checker, Proxy, channel, echo_pb2, metric, rpc_error_desc, series, stub,
-                 wait_for)
+from lib import (Backend, Checker, Proxy, basic_config, channel, echo_pb2, expect_error, metric, rpc_error_desc,
+                 series, spread, stub, teardown)
 
 P, ADMIN = 21140, 21149
 B1, B2, B3 = 21141, 21142, 21143
 DEAD1, DEAD2 = 21147, 21148   # nothing listens there
 TO = 5
-
-
-def config():
-    return f"""
-[admin]
-listen = "127.0.0.1:{ADMIN}"
-
-[[listeners]]
-name = "edge"
-listen = "127.0.0.1:{P}"
-
-[[listeners.routes]]
-service = "echo.Echo"
-method = "ClientStream"
-cluster = "named"
-
-[[listeners.routes]]
-service = "echo.Echo"
-cluster = "hc"
-
-[[listeners.routes]]
-service = "dead.Dead"
-cluster = "dead"
-
-[[clusters]]
-name = "hc"
-balancer = "round_robin"
-endpoints = ["127.0.0.1:{B1}", "127.0.0.1:{B2}"]
-[clusters.health_check]
-interval = "300ms"
-timeout = "250ms"
-unhealthy_threshold = 2
-healthy_threshold = 1
-
-[[clusters]]
-name = "dead"
-endpoints = ["127.0.0.1:{DEAD1}", "127.0.0.1:{DEAD2}"]
-connect_timeout = "500ms"
-
-[[clusters]]
-name = "named"
-endpoints = ["localhost:{B3}"]
-"""
-
-
-def spread(s, n):
-    cnt = collections.Counter()
-    errs = collections.Counter()
-    for _ in range(n):
-        try:
-            cnt[s.Unary(echo_pb2.EchoRequest(), timeout=TO).backend] += 1
-        except grpc.RpcError as e:
-            errs[e.code().name] += 1
-    return cnt, errs
+HC = '[clusters.health_check]\ninterval = "300ms"\ntimeout = "250ms"\nunhealthy_threshold = 2\nhealthy_threshold = 1\n'
+ROUTES = [{"service": "echo.Echo", "method": "ClientStream", "cluster": "named"},
+          {"service": "echo.Echo", "cluster": "hc"},
+          {"service": "dead.Dead", "cluster": "dead"}]
+CLUSTERS = [("hc", [B1, B2], 'balancer = "round_robin"\n' + HC),
+            ("dead", [DEAD1, DEAD2], 'connect_timeout = "500ms"'),
+            ("named", [f"localhost:{B3}"], "")]
 
 
 def main():
@@ -76,15 +28,15 @@ def main():
     b1 = Backend(B1, name="b1", health=True)
     b2 = Backend(B2, name="b2", health=True)
     b3 = Backend(B3, name="b3")
-    px = Proxy("t3", config(), P, ADMIN)
+    px = Proxy("t3", basic_config(P, ADMIN, CLUSTERS, ROUTES), P, ADMIN)
     ch = channel(P)
     s = stub(ch)
     raw = lambda path: ch.unary_unary(path, request_serializer=None, response_deserializer=None)  # noqa: E731
-    try:
+    with teardown(ch, px, b1, b2, b3), c.guard("t3 harness"):
         st, body = px.http_get("/healthz")
         c.record("/healthz 200 ok", st == 200 and body.strip() == "ok", f"{st} {body!r}")
 
-        ok = wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="hc") == 2, 10)
+        ok = px.wait_metric("grpcgate_endpoint_healthy", 2, 10, cluster="hc")
         c.record("both hc endpoints become healthy (grpcgate_endpoint_healthy == 1)", ok,
                  str(series(px.metrics(), "grpcgate_endpoint_healthy")))
         st, body = px.http_get("/ready")
@@ -98,13 +50,8 @@ def main():
                 return e.code() == grpc.StatusCode.UNIMPLEMENTED and e.details().startswith("grpcgate:"), rpc_error_desc(e)
         c.check("no route -> UNIMPLEMENTED (grpcgate: message)", unimpl)
 
-        def unimpl_stream():
-            try:
-                list(ch.stream_stream("/nope.Nope/Bidi")(iter([b"a", b"b"]), timeout=TO))
-                return False, "no error"
-            except grpc.RpcError as e:
-                return e.code() == grpc.StatusCode.UNIMPLEMENTED, rpc_error_desc(e)
-        c.check("no route, bidi call -> UNIMPLEMENTED", unimpl_stream)
+        c.check("no route, bidi call -> UNIMPLEMENTED", lambda: expect_error(
+            grpc.StatusCode.UNIMPLEMENTED, lambda: list(ch.stream_stream("/nope.Nope/Bidi")(iter([b"a", b"b"]), timeout=TO))))
 
         def unavailable():
             codes = []
@@ -118,44 +65,26 @@ def main():
             return all(x[0] == "UNAVAILABLE" for x in codes), str(codes[:2])
         c.check("cluster whose endpoints refuse connections -> UNAVAILABLE", unavailable)
 
-        def unavailable_stream():
-            try:
-                list(ch.stream_stream("/dead.Dead/Bidi")(iter([b"a"]), timeout=TO))
-                return False, "no error"
-            except grpc.RpcError as e:
-                return e.code() == grpc.StatusCode.UNAVAILABLE, rpc_error_desc(e)
-        c.check("refused cluster, bidi call -> UNAVAILABLE", unavailable_stream)
+        c.check("refused cluster, bidi call -> UNAVAILABLE", lambda: expect_error(
+            grpc.StatusCode.UNAVAILABLE, lambda: list(ch.stream_stream("/dead.Dead/Bidi")(iter([b"a"]), timeout=TO))))
 
-        cnt, errs = spread(s, 20)
+        cnt, errs = spread(s, 20, TO)
         c.record("both healthy: 20 calls spread over b1 and b2", cnt["b1"] == 10 and cnt["b2"] == 10 and not errs,
                  f"{dict(cnt)} errs={dict(errs)}")
 
         b2.set_serving(False)
-        ok = wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="hc",
-                                     endpoint=f"127.0.0.1:{B2}") == 0, 5)
+        ok = px.wait_metric("grpcgate_endpoint_healthy", 0, 5, cluster="hc", endpoint=f"127.0.0.1:{B2}")
         c.record("b2 NOT_SERVING -> grpcgate_endpoint_healthy{b2} 0", ok)
-        cnt, errs = spread(s, 20)
+        cnt, errs = spread(s, 20, TO)
         c.record("b2 NOT_SERVING: all calls go to b1", cnt["b1"] == 20 and not errs, f"{dict(cnt)} errs={dict(errs)}")
 
         b1.set_serving(False)
-        ok = wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="hc") == 0, 5)
+        ok = px.wait_metric("grpcgate_endpoint_healthy", 0, 5, cluster="hc")
         c.record("b1 NOT_SERVING too -> both unhealthy", ok)
-
-        def none_healthy():
-            try:
-                s.Unary(echo_pb2.EchoRequest(), timeout=TO)
-                return False, "no error"
-            except grpc.RpcError as e:
-                return e.code() == grpc.StatusCode.UNAVAILABLE, rpc_error_desc(e)
-        c.check("no healthy endpoint -> UNAVAILABLE", none_healthy)
-
-        def none_healthy_stream():
-            try:
-                list(s.ServerStream(echo_pb2.EchoRequest(count=2), timeout=TO))
-                return False, "no error"
-            except grpc.RpcError as e:
-                return e.code() == grpc.StatusCode.UNAVAILABLE, rpc_error_desc(e)
-        c.check("no healthy endpoint, server stream -> UNAVAILABLE", none_healthy_stream)
+        c.check("no healthy endpoint -> UNAVAILABLE", lambda: expect_error(
+            grpc.StatusCode.UNAVAILABLE, lambda: s.Unary(echo_pb2.EchoRequest(), timeout=TO)))
+        c.check("no healthy endpoint, server stream -> UNAVAILABLE", lambda: expect_error(
+            grpc.StatusCode.UNAVAILABLE, lambda: list(s.ServerStream(echo_pb2.EchoRequest(count=2), timeout=TO))))
         st, body = px.http_get("/ready")
         c.record("/ready 503 naming the cluster when it has no healthy endpoint", st == 503 and "hc" in body, f"{st} {body!r}")
 
@@ -177,9 +106,9 @@ def main():
 
         b1.set_serving(True)
         b2.set_serving(True)
-        ok = wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="hc") == 2, 5)
+        ok = px.wait_metric("grpcgate_endpoint_healthy", 2, 5, cluster="hc")
         c.record("SERVING again -> both healthy", ok)
-        cnt, errs = spread(s, 20)
+        cnt, errs = spread(s, 20, TO)
         c.record("recovered: calls spread over b1 and b2 again", cnt["b1"] >= 5 and cnt["b2"] >= 5 and not errs,
                  f"{dict(cnt)} errs={dict(errs)}")
         st, body = px.http_get("/ready")
@@ -187,12 +116,10 @@ def main():
 
         def backend_down_health():
             b2.stop()
-            ok = wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="hc",
-                                         endpoint=f"127.0.0.1:{B2}") == 0, 5)
-            cnt, errs = spread(s, 10)
+            ok = px.wait_metric("grpcgate_endpoint_healthy", 0, 5, cluster="hc", endpoint=f"127.0.0.1:{B2}")
+            cnt, errs = spread(s, 10, TO)
             b2.start()
-            ok2 = wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="hc",
-                                          endpoint=f"127.0.0.1:{B2}") == 1, 8)
+            ok2 = px.wait_metric("grpcgate_endpoint_healthy", 1, 8, cluster="hc", endpoint=f"127.0.0.1:{B2}")
             return ok and ok2 and cnt["b1"] == 10 and not errs, f"down={ok} back={ok2} {dict(cnt)} {dict(errs)}"
         c.check("stopped backend -> unhealthy (connect failure), restarted -> healthy again", backend_down_health)
 
@@ -244,18 +171,10 @@ def main():
         dc = metric(m, "grpcgate_downstream_connections_active", listener="edge")
         c.record("grpcgate_downstream_connections_active{listener} == 1 with one channel open", dc == 1, f"{dc}")
         ch.close()
-        ok = wait_for(lambda: metric(px.metrics(), "grpcgate_downstream_connections_active", listener="edge") == 0, 5)
+        ok = px.wait_metric("grpcgate_downstream_connections_active", 0, 5, listener="edge")
         c.record("downstream_connections_active back to 0 after channel close", ok)
         st, body = px.http_get("/nosuch")
         c.record("admin unknown path 404", st == 404, str(st))
-    except Exception as e:  # noqa: BLE001
-        import traceback
-        c.record("t3 harness", False, rpc_error_desc(e) + traceback.format_exc())
-    finally:
-        ch.close()
-        px.stop()
-        for b in (b1, b2, b3):
-            b.stop()
     return c.summary()
 
 

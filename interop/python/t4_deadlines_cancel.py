@@ -7,43 +7,16 @@ import uuid
 
 import grpc
 
-from lib import (Backend, Checker, Proxy, channel, echo_pb2, metric, rpc_error_desc, series, stub, wait_for)
+from lib import (Backend, Checker, Proxy, channel, echo_pb2, gate_config, metric, rpc_error_desc, series, stub,
+                 teardown, wait_for)
 
 P, P2, ADMIN, B1 = 21160, 21161, 21169, 21162
 
-
-def config():
-    return f"""
-[admin]
-listen = "127.0.0.1:{ADMIN}"
-
-[[listeners]]
-name = "edge"
-listen = "127.0.0.1:{P}"
-[[listeners.routes]]
-service = "echo.Echo"
-method = "Unary"
-cluster = "echo"
-timeout = "10s"
-[[listeners.routes]]
-service = "echo.Echo"
-method = "ServerStream"
-cluster = "echo"
-timeout = "600ms"
-[[listeners.routes]]
-cluster = "echo"
-timeout = "600ms"
-
-[[listeners]]
-name = "free"
-listen = "127.0.0.1:{P2}"
-[[listeners.routes]]
-cluster = "echo"
-
-[[clusters]]
-name = "echo"
-endpoints = ["127.0.0.1:{B1}"]
-"""
+EDGE_ROUTES = [{"service": "echo.Echo", "method": "Unary", "cluster": "echo", "timeout": "10s"},
+               {"service": "echo.Echo", "method": "ServerStream", "cluster": "echo", "timeout": "600ms"},
+               {"cluster": "echo", "timeout": "600ms"}]
+CONFIG = gate_config(ADMIN, [("edge", P, EDGE_ROUTES, ""), ("free", P2, [{"cluster": "echo"}], "")],
+                     [("echo", [B1], "")])
 
 
 def cid():
@@ -53,12 +26,12 @@ def cid():
 def main():
     c = Checker("t4_deadlines_cancel")
     be = Backend(B1)
-    px = Proxy("t4", config(), P, ADMIN)
+    px = Proxy("t4", CONFIG, P, ADMIN)
     ch = channel(P)
     ch2 = channel(P2)
     s, s2 = stub(ch), stub(ch2)
     calls = be.servicer.calls
-    try:
+    with teardown(ch, ch2, px, be), c.guard("t4 harness"):
         s.Unary(echo_pb2.EchoRequest(), timeout=5)  # warm up the upstream connection
         s2.Unary(echo_pb2.EchoRequest(), timeout=5)
 
@@ -241,14 +214,6 @@ def main():
         inf = metric(m, "grpcgate_endpoint_in_flight", cluster="echo")
         c.record("in-flight gauge back to 0", inf == 0, f"{inf}")
         c.record("backend still serves after all that", s2.Unary(echo_pb2.EchoRequest(payload=b"z"), timeout=5).payload == b"z")
-    except Exception as e:  # noqa: BLE001
-        import traceback
-        c.record("t4 harness", False, rpc_error_desc(e) + traceback.format_exc())
-    finally:
-        ch.close()
-        ch2.close()
-        px.stop()
-        be.stop()
     return c.summary()
 
 

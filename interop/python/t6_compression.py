@@ -5,7 +5,7 @@ import sys
 
 import grpc
 
-from lib import (BIG_OPTS, Backend, Checker, Proxy, basic_config, channel, echo_pb2, rpc_error_desc, stub)
+from lib import BIG_OPTS, Backend, Checker, Proxy, basic_config, channel, echo_pb2, stub, teardown
 
 P, ADMIN, B1, B2 = 21200, 21209, 21201, 21202
 TO = 20
@@ -17,7 +17,7 @@ def main():
     bz = Backend(B2, options=BIG_OPTS, compression=grpc.Compression.Gzip)   # compresses everything
     routes = [{"service": "echo.Echo", "method": "Bidi", "cluster": "gz"}, {"cluster": "echo"}]
     px = Proxy("t6", basic_config(P, ADMIN, [("echo", [be.addr], ""), ("gz", [bz.addr], "")], routes), P, ADMIN)
-    try:
+    with teardown(px, be, bz), c.guard("t6 harness"):
         for comp in (grpc.Compression.Gzip, grpc.Compression.Deflate):
             ch = channel(P, compression=comp)
             s = stub(ch)
@@ -51,12 +51,6 @@ def main():
                 return r.payload == b"q" * 1000
             c.check(f"{comp.name} channel, per-call NoCompression", per_call_none)
             ch.close()
-    except Exception as e:  # noqa: BLE001
-        c.record("t6 harness", False, rpc_error_desc(e))
-    finally:
-        px.stop()
-        be.stop()
-        bz.stop()
     return c.summary()
 
 

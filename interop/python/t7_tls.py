@@ -6,7 +6,6 @@ import os
 import socket
 import ssl
 import sys
-import time
 
 import grpc
 from cryptography import x509
@@ -14,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID, ExtendedKeyUsageOID
 
-from lib import (Backend, Checker, Proxy, RUN_DIR, echo_pb2, echo_pb2_grpc, metric, rpc_error_desc, wait_for)
+from lib import Backend, Checker, Proxy, RUN_DIR, echo_pb2, echo_pb2_grpc, expect_error, gate_config, teardown
 
 P, P2, ADMIN, B1 = 21220, 21221, 21229, 21222
 TO = 5
@@ -85,35 +84,11 @@ def gen():
     return files
 
 
-def config():
-    # relative paths: resolved against the config file's directory (run/)
-    return f"""
-[admin]
-listen = "127.0.0.1:{ADMIN}"
-
-[[listeners]]
-name = "tls"
-listen = "127.0.0.1:{P}"
-[listeners.tls]
-cert = "t7-certs/server.crt"
-key = "t7-certs/server.key"
-[[listeners.routes]]
-cluster = "echo"
-
-[[listeners]]
-name = "mtls"
-listen = "127.0.0.1:{P2}"
-[listeners.tls]
-cert = "t7-certs/server.crt"
-key = "t7-certs/server.key"
-client_ca = "t7-certs/ca.crt"
-[[listeners.routes]]
-cluster = "echo"
-
-[[clusters]]
-name = "echo"
-endpoints = ["127.0.0.1:{B1}"]
-"""
+# relative paths: resolved against the config file's directory (run/)
+TLS = '[listeners.tls]\ncert = "t7-certs/server.crt"\nkey = "t7-certs/server.key"'
+CONFIG = gate_config(ADMIN, [("tls", P, [{"cluster": "echo"}], TLS),
+                             ("mtls", P2, [{"cluster": "echo"}], TLS + '\nclient_ca = "t7-certs/ca.crt"')],
+                     [("echo", [B1], "")])
 
 
 def rd(p):
@@ -134,13 +109,11 @@ def call(port, creds, target=None):
         ch.close()
 
 
-def expect_fail(port, creds):
-    ch = grpc.secure_channel(f"127.0.0.1:{port}", creds)
+def expect_fail(port, creds=None):
+    """A call over TLS with creds (plaintext without) must fail with UNAVAILABLE."""
+    ch = grpc.secure_channel(f"127.0.0.1:{port}", creds) if creds else grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
-        echo_pb2_grpc.EchoStub(ch).Unary(echo_pb2.EchoRequest(), timeout=TO)
-        return False, "call succeeded"
-    except grpc.RpcError as e:
-        return e.code() == grpc.StatusCode.UNAVAILABLE, rpc_error_desc(e)
+        return expect_error(grpc.StatusCode.UNAVAILABLE, lambda: echo_pb2_grpc.EchoStub(ch).Unary(echo_pb2.EchoRequest(), timeout=TO))
     finally:
         ch.close()
 
@@ -159,8 +132,8 @@ def main():
     c = Checker("t7_tls")
     f = gen()
     be = Backend(B1)
-    px = Proxy("t7", config(), P, ADMIN)
-    try:
+    px = Proxy("t7", CONFIG, P, ADMIN)
+    with teardown(px, be), c.guard("t7 harness"):
         ca = rd(f["ca"])
         c.check("TLS: grpcio secure_channel (root = test CA) unary + stream",
                 lambda: call(P, grpc.ssl_channel_credentials(root_certificates=ca)))
@@ -168,16 +141,7 @@ def main():
         c.check("TLS: client trusting another CA is refused (UNAVAILABLE)",
                 lambda: expect_fail(P, grpc.ssl_channel_credentials(root_certificates=rd(f["other_ca"]))))
 
-        def plaintext_to_tls():
-            ch = grpc.insecure_channel(f"127.0.0.1:{P}")
-            try:
-                echo_pb2_grpc.EchoStub(ch).Unary(echo_pb2.EchoRequest(), timeout=TO)
-                return False, "succeeded"
-            except grpc.RpcError as e:
-                return e.code() == grpc.StatusCode.UNAVAILABLE, rpc_error_desc(e)
-            finally:
-                ch.close()
-        c.check("plaintext client to TLS listener fails (UNAVAILABLE)", plaintext_to_tls)
+        c.check("plaintext client to TLS listener fails (UNAVAILABLE)", lambda: expect_fail(P))
 
         good = grpc.ssl_channel_credentials(root_certificates=ca, private_key=rd(f["client_key"]),
                                             certificate_chain=rd(f["client_crt"]))
@@ -202,23 +166,14 @@ def main():
             write("server.crt", f["server2_crt"])
             write("server.key", f["server2_key"])
             px.hup()
-            ok = wait_for(lambda: metric(px.metrics(), "grpcgate_config_reloads_total", result="success") == 1, 5)
+            ok = px.wait_metric("grpcgate_config_reloads_total", 1, 5, result="success")
             cn, _ = peer_cert_cn(P, f["ca"])
             still = s.Unary(echo_pb2.EchoRequest(payload=b"k"), timeout=TO).payload == b"k"
             ch.close()
             ok2, d = call(P, grpc.ssl_channel_credentials(root_certificates=ca))
             return ok and cn == "grpcgate server rotated" and still and ok2, f"reload={ok} new cn={cn} old conn works={still} new conn: {d}"
         c.check("SIGHUP rotates the certificate (new connections get it, old connection keeps working)", rotate)
-    except Exception as e:  # noqa: BLE001
-        import traceback
-        c.record("t7 harness", False, rpc_error_desc(e) + traceback.format_exc())
-    finally:
-        px.stop()
-        be.stop()
-        print("proxy log (TLS lines):")
-        for line in px.read_log().splitlines():
-            if "TLS" in line or "handshake" in line:
-                print("   ", line[:220])
+    px.print_log(lambda l: "TLS" in l or "handshake" in l, limit=None, title="proxy log (TLS lines):")
     return c.summary()
 
 

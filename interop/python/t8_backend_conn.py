@@ -12,29 +12,17 @@ import time
 
 import grpc
 
-from lib import (Backend, Checker, Proxy, basic_config, channel, echo_pb2, rpc_error_desc, stub)
+from lib import Checker, echo_pb2, echo_setup, expect_error, outcomes, rpc_error_desc, run_threads, stub
 
 P, ADMIN = 21260, 21269
 B = 21261
 TO = 10
 
 
-def with_backend(c, tag, options, fn, extra=""):
-    be = Backend(B, options=options)
-    px = Proxy(f"t8bc-{tag}", basic_config(P, ADMIN, [("echo", [be.addr], extra)]), P, ADMIN)
-    ch = channel(P)
-    try:
+def with_backend(c, tag, options, fn):
+    with echo_setup(f"t8bc-{tag}", P, ADMIN, B, options) as (be, px, ch), c.guard(f"{tag} harness"):
         fn(c, stub(ch), be, px)
-    except Exception as e:  # noqa: BLE001
-        import traceback
-        c.record(f"{tag} harness", False, rpc_error_desc(e) + traceback.format_exc())
-    finally:
-        ch.close()
-        px.stop()
-        be.stop()
-        lines = [l for l in px.read_log().splitlines() if "preface" not in l and ("WARN" in l or "ERROR" in l or "DEBUG" in l)]
-        if lines:
-            print(f"  proxy log ({tag}):", *lines[:15], sep="\n    ")
+    px.print_log(lambda l: "preface" not in l and ("WARN" in l or "ERROR" in l or "DEBUG" in l), 15, f"  proxy log ({tag}):")
 
 
 def sec_keepalive(c):
@@ -73,14 +61,7 @@ def sec_mcs(c):
     def fn(c, s, be, px):
         for n in (10, 30):
             t0 = time.monotonic()
-            futs = [s.Unary.future(echo_pb2.EchoRequest(delay_ms=300, payload=b"%d" % i), timeout=TO) for i in range(n)]
-            res = collections.Counter()
-            for f in futs:
-                try:
-                    f.result()
-                    res["OK"] += 1
-                except grpc.RpcError as e:
-                    res[f"{e.code().name}: {e.details()}"] += 1
+            res = outcomes([s.Unary.future(echo_pb2.EchoRequest(delay_ms=300, payload=b"%d" % i), timeout=TO) for i in range(n)])
             el = time.monotonic() - t0
             c.record(f"backend max_concurrent_streams=2: {n} concurrent unary calls through the proxy all OK",
                      res == {"OK": n}, f"{dict(res)} in {el:.2f}s")
@@ -93,11 +74,7 @@ def sec_mcs(c):
                 res["OK" if len(got) == 5 else f"short {len(got)}"] += 1
             except grpc.RpcError as e:
                 res[f"{e.code().name}: {e.details()}"] += 1
-        ts = [threading.Thread(target=one) for _ in range(10)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(TO + 5)
+        run_threads([one] * 10, TO + 5)
         c.record("backend max_concurrent_streams=2: 10 concurrent bidi streams all OK", res == {"OK": 10}, f"{dict(res)}")
     with_backend(c, "mcs", [("grpc.max_concurrent_streams", 2)], fn)
 
@@ -105,14 +82,7 @@ def sec_mcs(c):
 def sec_mcs1(c):
     def fn(c, s, be, px):
         t0 = time.monotonic()
-        futs = [s.Unary.future(echo_pb2.EchoRequest(delay_ms=100), timeout=TO) for _ in range(100)]
-        res = collections.Counter()
-        for f in futs:
-            try:
-                f.result()
-                res["OK"] += 1
-            except grpc.RpcError as e:
-                res[f"{e.code().name}: {e.details()}"] += 1
+        res = outcomes([s.Unary.future(echo_pb2.EchoRequest(delay_ms=100), timeout=TO) for _ in range(100)])
         c.record("backend max_concurrent_streams=1: 100 concurrent calls all OK (proxy opens more connections / queues)",
                  res == {"OK": 100}, f"{dict(res)} in {time.monotonic() - t0:.2f}s")
     with_backend(c, "mcs1", [("grpc.max_concurrent_streams", 1)], fn)
@@ -163,11 +133,7 @@ def sec_age(c):
                         errs.append(rpc_error_desc(e))
                 with lock:
                     res[k] += 1
-        ts = [threading.Thread(target=worker) for _ in range(4)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(20)
+        run_threads([worker] * 4, 20)
         c.record("backend max_connection_age 1s: 4 concurrent callers for 6s all OK", list(res) == ["OK"],
                  f"{dict(res)} {errs[:3]}")
 
@@ -182,29 +148,13 @@ def sec_age(c):
 
 def sec_msgsize(c):
     def fn(c, s, be, px):
-        def too_big_unary():
-            try:
-                s.Unary(echo_pb2.EchoRequest(payload=b"x" * 4096), timeout=TO)
-                return False, "no error"
-            except grpc.RpcError as e:
-                return e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, rpc_error_desc(e)
-        c.check("backend max_receive_message_length 1024: 4 KiB unary -> RESOURCE_EXHAUSTED", too_big_unary)
-
-        def too_big_cstream():
-            try:
-                s.ClientStream(iter([echo_pb2.EchoRequest(payload=b"x" * 10)] * 3 + [echo_pb2.EchoRequest(payload=b"x" * 100000)] * 5), timeout=TO)
-                return False, "no error"
-            except grpc.RpcError as e:
-                return e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, rpc_error_desc(e)
-        c.check("backend max_receive_message_length 1024: client stream with a 100 KB msg -> RESOURCE_EXHAUSTED", too_big_cstream)
-
-        def too_big_large():
-            try:
-                s.Unary(echo_pb2.EchoRequest(payload=b"x" * (4 << 20)), timeout=TO)
-                return False, "no error"
-            except grpc.RpcError as e:
-                return e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, rpc_error_desc(e)
-        c.check("backend max_receive_message_length 1024: 4 MiB unary (bigger than windows) -> RESOURCE_EXHAUSTED", too_big_large)
+        exhausted = lambda fn: lambda: expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, fn)  # noqa: E731
+        c.check("backend max_receive_message_length 1024: 4 KiB unary -> RESOURCE_EXHAUSTED",
+                exhausted(lambda: s.Unary(echo_pb2.EchoRequest(payload=b"x" * 4096), timeout=TO)))
+        c.check("backend max_receive_message_length 1024: client stream with a 100 KB msg -> RESOURCE_EXHAUSTED",
+                exhausted(lambda: s.ClientStream(iter([echo_pb2.EchoRequest(payload=b"x" * 10)] * 3 + [echo_pb2.EchoRequest(payload=b"x" * 100000)] * 5), timeout=TO)))
+        c.check("backend max_receive_message_length 1024: 4 MiB unary (bigger than windows) -> RESOURCE_EXHAUSTED",
+                exhausted(lambda: s.Unary(echo_pb2.EchoRequest(payload=b"x" * (4 << 20)), timeout=TO)))
 
         def too_big_response():
             try:

@@ -11,53 +11,29 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2
 
-from lib import (Backend, Checker, Proxy, channel, echo_pb2, metric, rpc_error_desc, stub, wait_for)
+from lib import (Backend, Checker, Proxy, channel, echo_pb2, gate_config, outcomes, rpc_error_desc,
+                 run_threads, stream_in_background, stub, teardown)
 
 P, P2, ADMIN = 21300, 21301, 21309
 B1, B2 = 21302, 21303
 TO = 5
 
 
-def config(extra_cluster=""):
-    return f"""
-drain_timeout = "10s"
-[admin]
-listen = "127.0.0.1:{ADMIN}"
-
-[[listeners]]
-name = "edge"
-listen = "127.0.0.1:{P}"
-[[listeners.routes]]
-cluster = "echo"
-
-[[listeners]]
-name = "narrow"
-listen = "127.0.0.1:{P2}"
-max_concurrent_streams = 2
-[[listeners.routes]]
-cluster = "echo"
-
-[[clusters]]
-name = "echo"
-endpoints = ["127.0.0.1:{B1}", "127.0.0.1:{B2}"]
-[clusters.health_check]
-mode = "watch"
-interval = "1s"
-timeout = "500ms"
-service = "echo.Echo"
-{extra_cluster}
-"""
+HC = '[clusters.health_check]\nmode = "watch"\ninterval = "1s"\ntimeout = "500ms"\nservice = "echo.Echo"'
+CONFIG = gate_config(ADMIN, [("edge", P, [{"cluster": "echo"}], ""),
+                             ("narrow", P2, [{"cluster": "echo"}], "max_concurrent_streams = 2")],
+                     [("echo", [B1, B2], HC)], top='drain_timeout = "10s"')
 
 
 def main():
     c = Checker("t8_misc")
     b1 = Backend(B1, name="b1", health=True, reflection=True)
     b2 = Backend(B2, name="b2", health=True, reflection=True)
-    px = Proxy("t8misc", config(), P, ADMIN)
+    px = Proxy("t8misc", CONFIG, P, ADMIN)
     ch = channel(P)
     s = stub(ch)
-    try:
-        wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="echo") == 2, 5)
+    with teardown(ch, px, b1, b2), c.guard("t8_misc harness"):
+        px.wait_metric("grpcgate_endpoint_healthy", 2, 5, cluster="echo")
 
         # ---- reflection
         def reflection():
@@ -75,19 +51,18 @@ def main():
         def watch_mode():
             t0 = time.monotonic()
             b2.set_serving(False, "echo.Echo")
-            ok = wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="echo",
-                                         endpoint=f"127.0.0.1:{B2}") == 0, 3, 0.02)
+            ok = px.wait_metric("grpcgate_endpoint_healthy", 0, 3, 0.02, cluster="echo", endpoint=f"127.0.0.1:{B2}")
             el = time.monotonic() - t0
             cnt = collections.Counter(s.Unary(echo_pb2.EchoRequest(), timeout=TO).backend for _ in range(10))
             b2.set_serving(True, "echo.Echo")
-            ok2 = wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="echo") == 2, 3, 0.02)
+            ok2 = px.wait_metric("grpcgate_endpoint_healthy", 2, 3, 0.02, cluster="echo")
             return ok and el < 0.8 and cnt == {"b1": 10} and ok2, f"unhealthy after {el:.2f}s; {dict(cnt)}; back={ok2}"
         c.check("health_check mode=watch, service=echo.Echo: NOT_SERVING applied at once, traffic moves, recovers", watch_mode)
 
         def other_service_not_affecting():
             b1.set_serving(False, "")   # whole-server status; the checked service is echo.Echo
             time.sleep(1.5)
-            v = metric(px.metrics(), "grpcgate_endpoint_healthy", cluster="echo", endpoint=f"127.0.0.1:{B1}")
+            v = px.metric("grpcgate_endpoint_healthy", cluster="echo", endpoint=f"127.0.0.1:{B1}")
             b1.set_serving(True, "")
             return v == 1, f"healthy={v}"
         c.check("health_check service=echo.Echo: only that service's status matters", other_service_not_affecting)
@@ -106,11 +81,7 @@ def main():
                         k = e.code().name
                     with lock:
                         res[k] += 1
-            ts = [threading.Thread(target=worker) for _ in range(10)]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join(30)
+            run_threads([worker] * 10, 30)
             errs = []
             for _ in range(40):
                 try:
@@ -121,8 +92,8 @@ def main():
         c.check("150 calls with 30ms deadline (10 concurrent), then 40 normal calls all OK", cancel_storm)
 
         def inflight_zero():
-            ok = wait_for(lambda: metric(px.metrics(), "grpcgate_endpoint_in_flight", cluster="echo") == 0, 3)
-            return ok, str(metric(px.metrics(), "grpcgate_endpoint_in_flight", cluster="echo"))
+            ok = px.wait_metric("grpcgate_endpoint_in_flight", 0, 3, cluster="echo")
+            return ok, str(px.metric("grpcgate_endpoint_in_flight", cluster="echo"))
         c.check("in-flight gauge 0 after the storm", inflight_zero)
 
         # ---- listener max_concurrent_streams = 2
@@ -130,14 +101,7 @@ def main():
             ch2 = channel(P2)
             s2 = stub(ch2)
             t0 = time.monotonic()
-            futs = [s2.Unary.future(echo_pb2.EchoRequest(delay_ms=200), timeout=TO) for _ in range(10)]
-            res = collections.Counter()
-            for f in futs:
-                try:
-                    f.result()
-                    res["OK"] += 1
-                except grpc.RpcError as e:
-                    res[f"{e.code().name}: {e.details()}"] += 1
+            res = outcomes([s2.Unary.future(echo_pb2.EchoRequest(delay_ms=200), timeout=TO) for _ in range(10)])
             el = time.monotonic() - t0
             ch2.close()
             # 10 calls, 2 at a time, 200ms each -> ~1s
@@ -167,15 +131,7 @@ def main():
 
         # ---- drain on SIGTERM with an in-flight call
         def drain():
-            res = {}
-
-            def long_call():
-                try:
-                    res["n"] = len(list(s.ServerStream(echo_pb2.EchoRequest(count=10, delay_ms=150), timeout=10)))
-                except grpc.RpcError as e:
-                    res["err"] = rpc_error_desc(e)
-            t = threading.Thread(target=long_call)
-            t.start()
+            t, res = stream_in_background(s, echo_pb2.EchoRequest(count=10, delay_ms=150), 10)
             time.sleep(0.3)
             t0 = time.monotonic()
             px.proc.send_signal(15)
@@ -195,17 +151,7 @@ def main():
             return (res.get("n") == 10 and st == 503 and refused and rc == 0 and el < 5,
                     f"stream={res} ready={st} {body.strip()!r} new-conn-refused={refused} rc={rc} exit after {el:.2f}s")
         c.check("SIGTERM: /ready 503, new connections refused, in-flight stream completes, exit 0", drain)
-    except Exception as e:  # noqa: BLE001
-        import traceback
-        c.record("t8_misc harness", False, rpc_error_desc(e) + traceback.format_exc())
-    finally:
-        ch.close()
-        px.stop()
-        b1.stop()
-        b2.stop()
-        lines = [l for l in px.read_log().splitlines() if "WARN" in l or "ERROR" in l]
-        if lines:
-            print("proxy log:", *lines[:10], sep="\n   ")
+    px.print_log()
     return c.summary()
 
 

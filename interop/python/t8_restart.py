@@ -8,7 +8,7 @@ import time
 
 import grpc
 
-from lib import (Backend, Checker, Proxy, basic_config, channel, echo_pb2, rpc_error_desc, stub)
+from lib import Backend, Checker, Proxy, basic_config, channel, echo_pb2, stop_all, stream_in_background, stub
 
 P, ADMIN, B1, B2 = 21280, 21289, 21281, 21282
 TO = 5
@@ -44,22 +44,14 @@ def main():
     b1 = Backend(B1, name="b1")
     b2 = Backend(B2, name="b2")
     px = None
-    try:
+    with c.guard("t8_restart harness"):
         # --- single backend
         px = Proxy("t8rs-single", basic_config(P, ADMIN, [("echo", [b1.addr], "")]), P, ADMIN)
         ch = channel(P)
         s = stub(ch)
-        stream = {}
-
-        def streamer():
-            try:
-                stream["n"] = len(list(s.ServerStream(echo_pb2.EchoRequest(count=50, delay_ms=100), timeout=20)))
-            except grpc.RpcError as e:
-                stream["err"] = (e.code().name, e.details())
         tr = Traffic(s)
         time.sleep(0.5)
-        st = threading.Thread(target=streamer)
-        st.start()
+        st, stream = stream_in_background(s, echo_pb2.EchoRequest(count=50, delay_ms=100), 20)
         time.sleep(0.5)
         t_down = time.monotonic()
         b1.stop(0)
@@ -79,7 +71,7 @@ def main():
                  first_ok is not None and first_ok < 6 and tail and all(o.startswith("OK") for o in tail),
                  f"first OK {first_ok if first_ok is None else round(first_ok, 2)}s after restart; after-6s outcomes={collections.Counter(tail)}")
         c.record("in-flight stream on the killed backend ends UNAVAILABLE (not hang, not OK)",
-                 stream.get("err", ("",))[0] == "UNAVAILABLE", str(stream))
+                 stream.get("code") == "UNAVAILABLE", str(stream))
         errs_after_first_ok = [o for t, o in after if first_ok is not None and t > first_ok and not o.startswith("OK")]
         c.record("no failures after the first success post-restart", not errs_after_first_ok, str(errs_after_first_ok[:3]))
         ch.close()
@@ -108,14 +100,7 @@ def main():
         c.record("stopped backend restarted: gets traffic again", "OK:b2" in after and all(o.startswith("OK") for o in after),
                  f"{collections.Counter(after)}")
         ch.close()
-    except Exception as e:  # noqa: BLE001
-        import traceback
-        c.record("t8_restart harness", False, rpc_error_desc(e) + traceback.format_exc())
-    finally:
-        if px:
-            px.stop()
-        b1.stop()
-        b2.stop()
+    stop_all(px, b1, b2)
     return c.summary()
 
 

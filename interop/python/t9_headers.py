@@ -7,11 +7,10 @@
 Run: ./venv/bin/python t9_headers.py"""
 import random
 import sys
-import threading
 
 import grpc
 
-from lib import (Backend, Checker, Proxy, basic_config, channel, echo_pb2, rpc_error_desc, stub)
+from lib import Checker, channel, echo_pb2, echo_setup, rpc_error_desc, run_threads, stub
 
 P, ADMIN, B1 = 21320, 21329, 21321
 TO = 10
@@ -52,10 +51,7 @@ def churn(s, be, n, seed, tag):
 
 def main():
     c = Checker("t9_headers")
-    be = Backend(B1, options=BIG_MD)
-    px = Proxy("t9", basic_config(P, ADMIN, [("echo", [be.addr], "")]), P, ADMIN)
-    try:
-        ch = channel(P, options=BIG_MD)
+    with echo_setup("t9", P, ADMIN, B1, BIG_MD, BIG_MD) as (be, px, ch), c.guard("t9 harness"):
         s = stub(ch)
         bad = churn(s, be, 400, 1, "a")
         c.record("metadata churn: 400 calls, random keys/values, exact at backend and back", not bad, "; ".join(bad[:3]))
@@ -66,11 +62,7 @@ def main():
             chk = channel(P, options=BIG_MD)
             res[k] = churn(stub(chk), be, 150, 100 + k, f"w{k}")
             chk.close()
-        ts = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(120)
+        run_threads([lambda k=k: worker(k) for k in range(4)], 120)
         allbad = [b for v in res.values() for b in v]
         c.record("metadata churn from 4 channels concurrently (shared upstream connection)", not allbad and len(res) == 4,
                  "; ".join(allbad[:3]))
@@ -114,31 +106,14 @@ def main():
                 chs.close()
                 return not b, "; ".join(b[:3])
             c.check(f"{label}: 150 churn calls", small_table)
-    except Exception as e:  # noqa: BLE001
-        import traceback
-        c.record("t9 harness", False, rpc_error_desc(e) + traceback.format_exc())
-    finally:
-        px.stop()
-        be.stop()
 
     # backend announcing small HPACK tables
     for label, opts in (("backend hpack decoder table 0", [("grpc.http2.hpack_table_size.decoder", 0)]),
                         ("backend hpack decoder table 100", [("grpc.http2.hpack_table_size.decoder", 100)])):
-        be = Backend(B1, options=opts + BIG_MD)
-        px = Proxy("t9b", basic_config(P, ADMIN, [("echo", [be.addr], "")]), P, ADMIN)
-        ch = channel(P, options=BIG_MD)
-        try:
+        with echo_setup("t9b", P, ADMIN, B1, opts + BIG_MD, BIG_MD) as (be, px, ch), c.guard(f"{label} harness"):
             b = churn(stub(ch), be, 150, 44, label.replace(" ", "_"))
             c.record(f"{label}: 150 churn calls", not b, "; ".join(b[:3]))
-        except Exception as e:  # noqa: BLE001
-            c.record(f"{label} harness", False, rpc_error_desc(e))
-        finally:
-            ch.close()
-            px.stop()
-            be.stop()
-            lines = [l for l in px.read_log().splitlines() if "WARN" in l or "ERROR" in l]
-            if lines:
-                print("proxy log:", *lines[:5], sep="\n   ")
+        px.print_log(limit=5)
     return c.summary()
 
 
