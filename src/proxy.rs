@@ -13,7 +13,6 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use h2::client::SendRequest;
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::header::CONTENT_TYPE;
@@ -122,10 +121,13 @@ fn forward<'a>(
         // The request head to send next: the client's, then, for each resend, the one h2 kept for us.
         let mut head = Request::from_parts(head, ());
         let mut req_pump = Pump::new(None);
-        let mut req_done = down_body.is_end_stream();
+        // Read with the request head, under h2's lock that took it: asking now would lock again.
+        let mut req_done = down_body.ended_with_head();
         // The request body read so far, for sending the call again if the upstream refuses it.
         let mut replay = Replay::default();
         let mut refusals = 0;
+        // Sends that failed before anything was sent: the pooled connection had gone away.
+        let mut unsent = 0;
 
         // Attempts: one, plus one more for each time the upstream refuses the stream without processing
         // it (a GOAWAY whose last_stream_id is below it, or RST_STREAM(REFUSED_STREAM)), up to
@@ -138,7 +140,7 @@ fn forward<'a>(
                 _ = &mut deadline_sleep, if deadline.is_some() => Err(deadline_status()),
                 _ = poll_fn(|cx| respond.poll_reset(cx)) => return (None, Code::Cancelled),
             };
-            let (idx, in_flight, lease, mut sender) = match acquired {
+            let (idx, in_flight, lease) = match acquired {
                 Ok(x) => x,
                 Err(status) => {
                     reply(respond, &status);
@@ -149,18 +151,19 @@ fn forward<'a>(
             let headers_end_stream = req_done && replay.is_empty();
             // Matched in place, not bound: a bound result would take room in the call's future
             // for the rest of the attempt.
-            let (resp_fut, mut up_send) = match sender.send_retryable_request(
+            let (resp_fut, mut up_send) = match lease.send(
                 upstream_request(head, endpoint, deadline),
                 headers_end_stream,
             ) {
                 Ok(x) => x,
-                Err((e, returned)) => {
+                Err(failure) => {
+                    let (e, returned) = *failure;
                     lease.discard();
                     // The connection went away before anything was sent: safe to try again.
-                    if let Some(returned) = returned
-                        .filter(|_| (e.is_go_away() || e.is_io()) && refusals < MAX_REFUSALS)
+                    if let Some(returned) =
+                        returned.filter(|_| (e.is_go_away() || e.is_io()) && unsent < MAX_UNSENT)
                     {
-                        refusals += 1;
+                        unsent += 1;
                         head = returned;
                         continue;
                     }
@@ -268,7 +271,8 @@ fn forward<'a>(
                 reply(respond, &status);
                 return (Some(idx), status.code);
             }
-            let trailers_only = up_body.is_end_stream();
+            // Read with the response head (see `req_done`).
+            let trailers_only = up_body.ended_with_head();
             let mut head = head;
             // grpc-status in the headers counts only in a trailers-only response.
             let header_code = if trailers_only {
@@ -371,9 +375,7 @@ fn missing_status(endpoint: &Endpoint) -> Status {
 /// next pick, so that a failing endpoint's calls spread as the balancer spreads calls (round robin
 /// would otherwise hand them all to the endpoint after it), or, when that one was tried already, the
 /// next available endpoint not yet tried.
-async fn acquire(
-    cluster: &Cluster,
-) -> Result<(usize, InFlight, Lease, SendRequest<Bytes>), Status> {
+async fn acquire(cluster: &Cluster) -> Result<(usize, InFlight, Lease), Status> {
     let n = cluster.endpoints.len();
     let mut i = cluster.pick().ok_or_else(|| {
         Status::new(
@@ -386,27 +388,19 @@ async fn acquire(
     })?;
     // Allocated only once a connect failed.
     let mut tried: Vec<usize> = Vec::new();
-    let mut last_error = String::new();
+    let mut last_error;
     loop {
         let endpoint = &cluster.endpoints[i];
         // Counted from the pick, so calls waiting for a new connection count as load on it.
         let in_flight = endpoint.start_call();
-        // Two tries per endpoint: a pooled connection may have just received GOAWAY.
-        for _ in 0..2 {
-            match endpoint.pool.acquire().await {
-                Ok(lease) => match lease.sender().ready().await {
-                    Ok(sender) => return Ok((i, in_flight, lease, sender)),
-                    Err(e) => {
-                        lease.discard();
-                        last_error = format!("{}: {e}", endpoint.address);
-                    }
-                },
-                Err(e) => {
-                    last_error = e.to_string();
-                    cluster.report(i, true);
-                    tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.address, error = %e, "no connection");
-                    break;
-                }
+        // A pooled connection that has just received GOAWAY is found out when the call is sent on
+        // it, which gives the request back to be sent again (see `MAX_UNSENT`).
+        match endpoint.pool.acquire().await {
+            Ok(lease) => return Ok((i, in_flight, lease)),
+            Err(e) => {
+                last_error = e.to_string();
+                cluster.report(i, true);
+                tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.address, error = %e, "no connection");
             }
         }
         drop(in_flight);
@@ -657,6 +651,12 @@ impl<'a> Pump<'a> {
 
 /// Most times one call is sent again after its upstream refused it unprocessed.
 const MAX_REFUSALS: u32 = 2;
+
+/// How many times a call goes to another connection when the one it was given turns out to be
+/// going away (GOAWAY received, or failed) before anything of the call was sent on it. Such
+/// connections are discarded from the pool as they are found, so more than a couple in a row
+/// means the endpoint's connections keep failing.
+const MAX_UNSENT: u32 = 2;
 
 /// Most request body bytes held for sending a refused call again; a call that sent more before the
 /// refusal came back fails with it instead.

@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use h2::client::SendRequest;
+use h2::client::{ResponseFuture, SendRequest};
+use h2::SendStream;
+use http::Request;
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -123,15 +125,28 @@ enum LeaseMode {
     AnyWorker,
 }
 
+/// Why [`Lease::send`] failed, and the request if nothing of it was sent. Boxed: it is rare, and
+/// the call's future would otherwise carry its 264 bytes.
+pub type SendFailure = Box<(h2::Error, Option<Request<()>>)>;
+
 /// A stream slot on a pooled connection; dropping it frees the slot.
 pub struct Lease {
     conn: Arc<Conn>,
 }
 
 impl Lease {
-    /// The connection's request handle.
-    pub fn sender(&self) -> SendRequest<Bytes> {
-        self.conn.send.clone()
+    /// Sends a request on the connection, through its one shared handle: a clone would lock the
+    /// connection to make and again to drop. It fails, giving the request back, if the connection
+    /// can take no new stream (it received GOAWAY or failed); see h2's `send_retryable_request`.
+    pub fn send(
+        &self,
+        request: Request<()>,
+        end_of_stream: bool,
+    ) -> Result<(ResponseFuture, SendStream<Bytes>), SendFailure> {
+        self.conn
+            .send
+            .send_retryable_request(request, end_of_stream)
+            .map_err(Box::new)
     }
 
     /// Marks the connection unusable (e.g. it refused a new stream after GOAWAY).

@@ -355,6 +355,19 @@ pub(crate) struct Peer;
 
 // ===== impl SendRequest =====
 
+/// grpcgate patch: the caller's handles to a stream just sent (shared by `send_request` and
+/// `send_retryable_request`).
+fn handles<B: Buf>(
+    stream: proto::StreamRef<B>,
+    response_ref: proto::OpaqueStreamRef,
+) -> (ResponseFuture, SendStream<B>) {
+    let response = ResponseFuture {
+        inner: response_ref,
+        push_promise_consumed: false,
+    };
+    (response, SendStream::new(stream))
+}
+
 impl<B> SendRequest<B>
 where
     B: Buf,
@@ -529,15 +542,7 @@ where
                     // is not full.
                     self.pending = Some(stream.clone_to_opaque());
                 }
-
-                let response = ResponseFuture {
-                    inner: response_ref,
-                    push_promise_consumed: false,
-                };
-
-                let stream = SendStream::new(stream);
-
-                (response, stream)
+                handles(stream, response_ref)
             })
     }
 
@@ -549,27 +554,23 @@ where
     /// caller need not keep a copy of every request for the few that are refused. When the
     /// request fails before anything of it was queued (the connection is already going away),
     /// the error comes with the request itself.
+    ///
+    /// It takes `&self`, so a pool can send on a shared handle without cloning it (a clone and its
+    /// drop each lock the connection) or waiting on [`ready`](Self::ready) first: the checks
+    /// `poll_ready` makes, that the connection has no error and stream ids are left, are made
+    /// here too and fail the call. What a shared handle cannot do is remember a stream left
+    /// pending open when the peer's `SETTINGS_MAX_CONCURRENT_STREAMS` is reached, to refuse the
+    /// next request until it opens: the stream is queued in h2, and bounding the number of such
+    /// streams is the caller's business (see [`current_max_send_streams`](Self::current_max_send_streams)).
     pub fn send_retryable_request(
-        &mut self,
+        &self,
         request: Request<()>,
         end_of_stream: bool,
     ) -> Result<(ResponseFuture, SendStream<B>), (crate::Error, Option<Request<()>>)> {
         self.inner
-            .send_retryable_request(request, end_of_stream, self.pending.as_ref())
+            .send_retryable_request(request, end_of_stream)
             .map_err(|(e, request)| (e.into(), request))
-            .map(|(stream, response_ref, is_full)| {
-                // grpcgate patch: `is_full` first; `is_pending_open` takes the connection lock.
-                if is_full && stream.is_pending_open() {
-                    self.pending = Some(stream.clone_to_opaque());
-                }
-
-                let response = ResponseFuture {
-                    inner: response_ref,
-                    push_promise_consumed: false,
-                };
-
-                (response, SendStream::new(stream))
-            })
+            .map(|(stream, response_ref, _)| handles(stream, response_ref))
     }
 
     /// Returns whether the [extended CONNECT protocol][1] is enabled or not.
@@ -1537,9 +1538,9 @@ impl Future for ResponseFuture {
     type Output = Result<Response<RecvStream>, crate::Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let (response, body) = ready!(self.inner.poll_response(cx))?;
+        let (response, body, ended) = ready!(self.inner.poll_response(cx))?;
         let (parts, _) = response.into_parts();
-        let body = RecvStream::new(FlowControl::new(body));
+        let body = RecvStream::with_end(FlowControl::new(body), ended);
 
         Poll::Ready(Ok(Response::from_parts(parts, body)))
     }

@@ -434,10 +434,10 @@ where
             return Poll::Ready(None);
         }
 
-        if let Some((inner, request, body)) = self.connection.next_incoming() {
+        if let Some((inner, request, body, ended)) = self.connection.next_incoming() {
             tracing::trace!("received incoming");
             let (head, _) = request.into_parts();
-            let body = RecvStream::new(FlowControl::new(body));
+            let body = RecvStream::with_end(FlowControl::new(body), ended);
 
             let request = Request::from_parts(head, body);
             let respond = SendResponse { inner };

@@ -136,7 +136,11 @@ impl From<StreamId> for u32 {
 /// [`Stream`]: https://docs.rs/futures/0.1/futures/stream/trait.Stream.html
 #[must_use = "streams do nothing unless polled"]
 pub struct RecvStream {
-    inner: FlowControl,
+    // grpcgate patch: `ManuallyDrop`, so that dropping the body takes the connection's lock once,
+    // not twice (see `Drop`).
+    inner: std::mem::ManuallyDrop<FlowControl>,
+    // grpcgate patch: the stream had ended when its head was taken (see `ended_with_head`).
+    ended_with_head: bool,
 }
 
 /// A handle to release window capacity to a remote stream.
@@ -404,8 +408,19 @@ impl StreamId {
 // ===== impl RecvStream =====
 
 impl RecvStream {
-    pub(crate) fn new(inner: FlowControl) -> Self {
-        RecvStream { inner }
+    /// grpcgate patch: a body whose stream's state was read, under the lock that took the head.
+    pub(crate) fn with_end(inner: FlowControl, ended_with_head: bool) -> Self {
+        RecvStream {
+            inner: std::mem::ManuallyDrop::new(inner),
+            ended_with_head,
+        }
+    }
+
+    /// grpcgate patch: whether the stream had ended (END_STREAM received and nothing left to read)
+    /// when its request or response head was taken, read under the same lock. `true` stays true;
+    /// `false` may have become stale, [`is_end_stream`](Self::is_end_stream) locks to tell.
+    pub fn ended_with_head(&self) -> bool {
+        self.ended_with_head
     }
 
     /// Get the next data frame.
@@ -440,7 +455,8 @@ impl RecvStream {
     /// A return value of `true` means that calls to `poll` and `poll_trailers`
     /// will both return `None`.
     pub fn is_end_stream(&self) -> bool {
-        self.inner.inner.is_end_stream()
+        // grpcgate patch: an end seen with the head needs no lock.
+        self.ended_with_head || self.inner.inner.is_end_stream()
     }
 
     /// Get a mutable reference to this stream's `FlowControl`.
@@ -484,7 +500,10 @@ impl Drop for RecvStream {
         // again once *all* stream refs have been dropped, since
         // this won't send a RST_STREAM frame, in case the user wishes to
         // still *send* DATA.
-        self.inner.inner.clear_recv_buffer();
+        // grpcgate patch: cleared, and this handle dropped, under one lock (two before).
+        // SAFETY: `drop` runs once, and nothing uses `inner` after this.
+        let inner = unsafe { std::mem::ManuallyDrop::take(&mut self.inner) };
+        inner.inner.clear_recv_buffer_and_drop();
     }
 }
 

@@ -215,7 +215,8 @@ impl Decoder {
                 LiteralWithIndexing => {
                     tracing::trace!(rem = src.remaining(), kind = %"LiteralWithIndexing");
                     can_resize = false;
-                    let entry = self.decode_literal(src, true)?;
+                    // grpcgate patch: interned, see `Header::interned`.
+                    let entry = self.decode_literal(src, true)?.interned();
 
                     // Insert the header into the table
                     self.table.insert(entry.clone());

@@ -103,6 +103,44 @@ impl Header {
         }
     }
 
+    /// grpcgate patch: gRPC's usual header names and values, stored as static bytes.
+    ///
+    /// A decoded header is carved out of the connection's read buffer, so every later use of it
+    /// from the dynamic table clones and drops a shared `Bytes`: two atomic read-modify-writes
+    /// per field per call. A static one clones by copying a pointer. Only what goes into the
+    /// dynamic table is interned, so this runs once per connection and header.
+    pub fn interned(self) -> Header {
+        match self {
+            Header::Field { name, value } => {
+                let value = match value.as_bytes() {
+                    b"application/grpc" => HeaderValue::from_static("application/grpc"),
+                    b"application/grpc+proto" => HeaderValue::from_static("application/grpc+proto"),
+                    b"trailers" => HeaderValue::from_static("trailers"),
+                    b"0" => HeaderValue::from_static("0"),
+                    b"identity" => HeaderValue::from_static("identity"),
+                    b"gzip" => HeaderValue::from_static("gzip"),
+                    b"identity,deflate,gzip" => HeaderValue::from_static("identity,deflate,gzip"),
+                    _ => value,
+                };
+                let name = match name.as_str() {
+                    "grpc-status" => HeaderName::from_static("grpc-status"),
+                    "grpc-message" => HeaderName::from_static("grpc-message"),
+                    "grpc-encoding" => HeaderName::from_static("grpc-encoding"),
+                    "grpc-accept-encoding" => HeaderName::from_static("grpc-accept-encoding"),
+                    "grpc-timeout" => HeaderName::from_static("grpc-timeout"),
+                    _ => name,
+                };
+                Header::Field { name, value }
+            }
+            Header::Scheme(v) => match v.as_str() {
+                "http" => Header::Scheme(BytesStr::from_static("http")),
+                "https" => Header::Scheme(BytesStr::from_static("https")),
+                _ => Header::Scheme(v),
+            },
+            other => other,
+        }
+    }
+
     pub fn len(&self) -> usize {
         match *self {
             Header::Field {

@@ -672,7 +672,9 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
     B: Buf,
 {
-    pub fn next_incoming(&mut self) -> Option<(StreamRef<B>, http::Request<()>, OpaqueStreamRef)> {
+    pub fn next_incoming(
+        &mut self,
+    ) -> Option<(StreamRef<B>, http::Request<()>, OpaqueStreamRef, bool)> {
         self.inner.streams.next_incoming()
     }
 

@@ -145,7 +145,8 @@ where
     /// The next stream the peer opened, with its request head and a second handle (for the request
     /// body), all taken under one lock (grpcgate patch: `take_request` and `clone_to_opaque` each
     /// locked the connection again, two atomic operations apiece, for every accepted stream).
-    pub fn next_incoming(&mut self) -> Option<(StreamRef<B>, Request<()>, OpaqueStreamRef)> {
+    /// grpcgate patch: also whether the request had ended then (see `RecvStream::ended_with_head`).
+    pub fn next_incoming(&mut self) -> Option<(StreamRef<B>, Request<()>, OpaqueStreamRef, bool)> {
         let mut me = self.inner.lock().unwrap();
         let me = &mut *me;
         me.actions.recv.next_incoming(&mut me.store).map(|key| {
@@ -165,12 +166,13 @@ where
             }
 
             let request = me.actions.recv.take_request(stream);
+            let ended = me.actions.recv.is_end_stream(stream);
             let body = OpaqueStreamRef::new(self.inner.clone(), stream);
             let stream_ref = StreamRef {
                 opaque: OpaqueStreamRef::new(self.inner.clone(), stream),
                 send_buffer: self.send_buffer.clone(),
             };
-            (stream_ref, request, body)
+            (stream_ref, request, body, ended)
         })
     }
 
@@ -285,16 +287,15 @@ where
     /// arrives (`OpaqueStreamRef::take_sent_head`), and giving the request back when it failed
     /// before anything of it was queued.
     pub fn send_retryable_request(
-        &mut self,
+        &self,
         request: Request<()>,
         end_of_stream: bool,
-        pending: Option<&OpaqueStreamRef>,
     ) -> Result<(StreamRef<B>, OpaqueStreamRef, bool), (SendError, Option<Request<()>>)> {
-        self.send_request_inner(request, end_of_stream, pending, true)
+        self.send_request_inner(request, end_of_stream, None, true)
     }
 
     fn send_request_inner(
-        &mut self,
+        &self,
         mut request: Request<()>,
         end_of_stream: bool,
         pending: Option<&OpaqueStreamRef>,
@@ -1532,16 +1533,18 @@ impl OpaqueStreamRef {
     pub fn poll_response(
         &mut self,
         cx: &Context,
-    ) -> Poll<Result<(Response<()>, OpaqueStreamRef), proto::Error>> {
+    ) -> Poll<Result<(Response<()>, OpaqueStreamRef, bool), proto::Error>> {
         let mut me = self.inner.lock().unwrap();
         let me = &mut *me;
 
         let mut stream = me.store.resolve(self.key);
 
         let response = ready!(me.actions.recv.poll_response(cx, &mut stream))?;
+        // grpcgate patch: whether the response had ended, see `RecvStream::ended_with_head`.
+        let ended = me.actions.recv.is_end_stream(&stream);
         me.refs += 1;
         let body = OpaqueStreamRef::new(self.inner.clone(), &mut stream);
-        Poll::Ready(Ok((response, body)))
+        Poll::Ready(Ok((response, body, ended)))
     }
 
     /// grpcgate patch: the request head kept by `send_retryable_request`, if no response head
@@ -1653,17 +1656,6 @@ impl OpaqueStreamRef {
     }
 
     /// Clear the receive queue and set the status to no longer receive data frames.
-    pub(crate) fn clear_recv_buffer(&mut self) {
-        let mut me = self.inner.lock().unwrap();
-        let me = &mut *me;
-
-        let mut stream = me.store.resolve(self.key);
-        stream.is_recv = false;
-        me.actions
-            .recv
-            .clear_recv_buffer(&mut stream, &mut me.actions.task, &mut me.counts);
-    }
-
     pub fn stream_id(&self) -> StreamId {
         self.inner.lock().unwrap().store[self.key].id
     }
@@ -1709,12 +1701,23 @@ impl Clone for OpaqueStreamRef {
 
 impl Drop for OpaqueStreamRef {
     fn drop(&mut self) {
-        drop_stream_ref(&self.inner, self.key);
+        drop_stream_ref(&self.inner, self.key, false);
+    }
+}
+
+impl OpaqueStreamRef {
+    /// grpcgate patch: `clear_recv_buffer` and dropping this handle, under one lock.
+    pub(crate) fn clear_recv_buffer_and_drop(self) {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is neither used nor dropped after this, so its `Arc` is read out once
+        // and dropped once, below.
+        let inner = unsafe { std::ptr::read(&this.inner) };
+        drop_stream_ref(&inner, this.key, true);
     }
 }
 
 // TODO: Move back in fn above
-fn drop_stream_ref(inner: &Mutex<Inner>, key: store::Key) {
+fn drop_stream_ref(inner: &Mutex<Inner>, key: store::Key, clear_recv: bool) {
     let mut me = match inner.lock() {
         Ok(inner) => inner,
         Err(_) => {
@@ -1728,6 +1731,14 @@ fn drop_stream_ref(inner: &Mutex<Inner>, key: store::Key) {
     };
 
     let me = &mut *me;
+    if clear_recv {
+        // As `OpaqueStreamRef::clear_recv_buffer`.
+        let mut stream = me.store.resolve(key);
+        stream.is_recv = false;
+        me.actions
+            .recv
+            .clear_recv_buffer(&mut stream, &mut me.actions.task, &mut me.counts);
+    }
     me.refs -= 1;
     let mut stream = me.store.resolve(key);
 
