@@ -493,6 +493,8 @@ struct Pump<'a> {
     pending: Option<(Bytes, usize)>,
     /// Whether the one frame allowed to go without reserved capacity has gone (see `pump`).
     sent_unreserved: bool,
+    /// Whether the source had ended when the pending frame was read from it.
+    src_ended: bool,
     state: PumpState,
     /// For a response: the upstream, named in the INTERNAL status sent if it ends without grpc-status
     /// (built only then). None for a request, which just ends.
@@ -504,6 +506,7 @@ impl<'a> Pump<'a> {
         Pump {
             pending: None,
             sent_unreserved: false,
+            src_ended: false,
             state: PumpState::Data,
             status_from,
         }
@@ -579,8 +582,7 @@ impl<'a> Pump<'a> {
                         // The source already ended with this frame (END_STREAM on DATA, no trailers):
                         // end ours with it too rather than with a separate empty DATA frame, which
                         // doubles the frames and trips peers' small-frame flood limits.
-                        let last =
-                            chunk.is_empty() && self.status_from.is_none() && src.is_end_stream();
+                        let last = chunk.is_empty() && self.status_from.is_none() && self.src_ended;
                         if let Err(e) = dst.send_data(part, last) {
                             return Poll::Ready(Err(PumpError::Dst(Some(e))));
                         }
@@ -598,8 +600,9 @@ impl<'a> Pump<'a> {
                         }
                         continue;
                     }
-                    match ready!(src.poll_data(cx)) {
-                        Some(Ok(chunk)) => {
+                    // With the data, whether the source ended with it: asking h2 after would lock again.
+                    match ready!(src.poll_data_end(cx)) {
+                        Some(Ok((chunk, ended))) => {
                             let len = chunk.len();
                             if len == 0 {
                                 continue;
@@ -607,7 +610,13 @@ impl<'a> Pump<'a> {
                             if let Some(r) = replay.as_deref_mut() {
                                 r.record(&chunk);
                             }
-                            dst.reserve_capacity(len);
+                            // The first frame goes unreserved (above); h2 reserves what a frame
+                            // needs when it is sent, so reserving ahead for it costs a lock for
+                            // nothing.
+                            if self.sent_unreserved {
+                                dst.reserve_capacity(len);
+                            }
+                            self.src_ended = ended;
                             self.pending = Some((chunk, len));
                         }
                         Some(Err(e)) => return Poll::Ready(Err(PumpError::Src(e))),

@@ -438,6 +438,20 @@ impl RecvStream {
         self.inner.inner.poll_data(cx).map_err(Into::into)
     }
 
+    /// grpcgate patch: [`poll_data`](Self::poll_data), and with the data whether the stream ended
+    /// with it (what [`is_end_stream`](Self::is_end_stream) would say right after), read under the
+    /// same lock instead of a second one.
+    pub fn poll_data_end(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<(Bytes, bool), crate::Error>>> {
+        match ready!(self.inner.inner.poll_data_end(cx)) {
+            Some(Ok(x)) => Poll::Ready(Some(Ok(x))),
+            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
+            None => Poll::Ready(None),
+        }
+    }
+
     #[doc(hidden)]
     pub fn poll_trailers(
         &mut self,

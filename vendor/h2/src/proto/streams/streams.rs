@@ -1597,12 +1597,23 @@ impl OpaqueStreamRef {
     }
 
     pub fn poll_data(&mut self, cx: &Context) -> Poll<Option<Result<Bytes, proto::Error>>> {
+        self.poll_data_end(cx)
+            .map(|r| r.map(|r| r.map(|(data, _)| data)))
+    }
+
+    /// grpcgate patch: `poll_data`, and with the data whether the stream has ended with it (as
+    /// `is_end_stream` would tell right after), under the same lock.
+    pub fn poll_data_end(
+        &mut self,
+        cx: &Context,
+    ) -> Poll<Option<Result<(Bytes, bool), proto::Error>>> {
         let mut me = self.inner.lock().unwrap();
         let me = &mut *me;
 
         let mut stream = me.store.resolve(self.key);
 
-        me.actions
+        let actions = &mut me.actions;
+        actions
             .recv
             .poll_data(cx, &mut stream)
             .map(|result| match result {
@@ -1610,7 +1621,8 @@ impl OpaqueStreamRef {
                     if data.is_budgeted {
                         me.counts.release_data_frame(data.payload.len());
                     }
-                    Some(Ok(data.payload))
+                    let ended = actions.recv.is_end_stream(&stream);
+                    Some(Ok((data.payload, ended)))
                 }
                 Some(Err(err)) => Some(Err(err)),
                 None => None,
