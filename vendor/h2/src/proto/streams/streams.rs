@@ -1667,7 +1667,6 @@ impl OpaqueStreamRef {
             .release_capacity(capacity, &mut stream, &mut me.actions.task)
     }
 
-    /// Clear the receive queue and set the status to no longer receive data frames.
     pub fn stream_id(&self) -> StreamId {
         self.inner.lock().unwrap().store[self.key].id
     }
@@ -1744,7 +1743,8 @@ fn drop_stream_ref(inner: &Mutex<Inner>, key: store::Key, clear_recv: bool) {
 
     let me = &mut *me;
     if clear_recv {
-        // As `OpaqueStreamRef::clear_recv_buffer`.
+        // What upstream's `OpaqueStreamRef::clear_recv_buffer` did, under its own lock: clear the
+        // receive queue and stop receiving data frames.
         let mut stream = me.store.resolve(key);
         stream.is_recv = false;
         me.actions
