@@ -558,33 +558,32 @@ impl<'a> Pump<'a> {
             match self.state {
                 PumpState::Data => {
                     if let Some((chunk, credit)) = &mut self.pending {
-                        // Before the first frame nothing was reserved, so there is no capacity to ask
-                        // h2 about (each question takes its connection lock).
-                        let mut cap = if self.sent_unreserved {
-                            dst.capacity()
-                        } else {
-                            0
-                        };
-                        if cap == 0 && !self.sent_unreserved {
-                            // The stream's first frame (nothing was reserved before it, so capacity is
-                            // 0) goes to h2 whole, without the reserve and poll-capacity round trip
-                            // through its locks: most gRPC calls are one message each way. h2 holds
-                            // it until the window allows and counts it against any later reservation,
-                            // so at most this one frame (≤ the 16 KiB max frame size we advertise) is
-                            // buffered beyond the end-to-end window.
+                        let cap = if !self.sent_unreserved {
+                            // The stream's first frame goes to h2 whole, without asking for capacity
+                            // (nothing was reserved before it) or the reserve and poll-capacity round
+                            // trip, each through h2's connection lock: most gRPC calls are one message
+                            // each way. h2 holds it until the window allows and counts it against any
+                            // later reservation, so at most this one frame (≤ the 16 KiB max frame
+                            // size we advertise) is buffered beyond the end-to-end window.
                             self.sent_unreserved = true;
-                            cap = chunk.len();
-                        } else if cap == 0 {
-                            dst.reserve_capacity(chunk.len());
-                            match ready!(dst.poll_capacity(cx)) {
-                                Some(Ok(_)) => cap = dst.capacity(),
-                                Some(Err(e)) => return Poll::Ready(Err(PumpError::Dst(Some(e)))),
-                                None => return Poll::Ready(Err(PumpError::Dst(None))),
-                            }
+                            chunk.len()
+                        } else {
+                            let mut cap = dst.capacity();
                             if cap == 0 {
-                                continue;
+                                dst.reserve_capacity(chunk.len());
+                                match ready!(dst.poll_capacity(cx)) {
+                                    Some(Ok(_)) => cap = dst.capacity(),
+                                    Some(Err(e)) => {
+                                        return Poll::Ready(Err(PumpError::Dst(Some(e))))
+                                    }
+                                    None => return Poll::Ready(Err(PumpError::Dst(None))),
+                                }
+                                if cap == 0 {
+                                    continue;
+                                }
                             }
-                        }
+                            cap
+                        };
                         let part = chunk.split_to(cap.min(chunk.len()));
                         // The source already ended with this frame (END_STREAM on DATA, no trailers):
                         // end ours with it too rather than with a separate empty DATA frame, which

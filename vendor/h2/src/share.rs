@@ -447,11 +447,7 @@ impl RecvStream {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<(Bytes, bool), crate::Error>>> {
-        match ready!(self.inner.inner.poll_data_end(cx)) {
-            Some(Ok(x)) => Poll::Ready(Some(Ok(x))),
-            Some(Err(e)) => Poll::Ready(Some(Err(e.into()))),
-            None => Poll::Ready(None),
-        }
+        self.inner.inner.poll_data_end(cx).map_err(Into::into)
     }
 
     #[doc(hidden)]
