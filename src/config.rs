@@ -47,6 +47,13 @@ pub struct ListenerConfig {
     pub routes: Vec<RouteConfig>,
     /// SETTINGS_MAX_CONCURRENT_STREAMS announced to each downstream connection.
     pub max_concurrent_streams: u32,
+    /// SETTINGS_MAX_HEADER_LIST_SIZE: most bytes of decoded headers (RFC 9113 §6.5.2 sizing) one
+    /// request may carry; a larger request is refused (HTTP 431) and its connection lives on.
+    pub max_header_list_size: u32,
+    /// A connection with no open stream for this long is closed (GOAWAY NO_ERROR).
+    pub idle_timeout: Duration,
+    /// Time a new connection has to finish its TLS handshake and send the HTTP/2 preface.
+    pub handshake_timeout: Duration,
 }
 
 /// TLS termination for a listener; the files were read and parsed at load time.
@@ -101,6 +108,9 @@ pub struct ClusterConfig {
     pub connect_timeout: Duration,
     /// Most concurrent calls on one upstream connection (fewer if the endpoint announces fewer).
     pub max_streams_per_connection: u32,
+    /// Most calls in flight to the cluster through this proxy (Envoy's circuit breaker
+    /// `max_requests`); a call over it gets RESOURCE_EXHAUSTED at once. None: no limit.
+    pub max_requests: Option<u32>,
 }
 
 /// One upstream endpoint of a cluster.
@@ -173,7 +183,15 @@ impl std::error::Error for ConfigError {}
 
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// What gRPC servers and HAProxy announce; with the stream windows it bounds what one client connection
+/// can make the proxy hold (README, "Limits").
+const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 100;
+/// grpc-core's hard limit (its soft limit is 8 KiB); far above what gRPC metadata needs.
+const DEFAULT_MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
+/// Below an AWS NLB's 350 s idle timeout, so the proxy closes an idle flow cleanly before the NLB
+/// drops it silently.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// RFC 9113 recommends servers allow at least 100 streams; staying at 100 per upstream connection keeps
 /// the blast radius of one connection's failure (or GOAWAY) small and spreads load over more sockets.
 const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 100;
@@ -208,6 +226,9 @@ struct RawListener {
     #[serde(default)]
     routes: Vec<RawRoute>,
     max_concurrent_streams: Option<Spanned<u32>>,
+    max_header_list_size: Option<Spanned<u32>>,
+    idle_timeout: Option<Spanned<DurationStr>>,
+    handshake_timeout: Option<Spanned<DurationStr>>,
 }
 
 #[derive(Deserialize)]
@@ -240,6 +261,7 @@ struct RawCluster {
     panic_threshold: Option<Spanned<u32>>,
     connect_timeout: Option<Spanned<DurationStr>>,
     max_streams_per_connection: Option<Spanned<u32>>,
+    max_requests: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -661,7 +683,12 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
             1..,
             DEFAULT_MAX_STREAMS_PER_CONNECTION,
         )?;
+        let max_requests = match &c.max_requests {
+            Some(_) => Some(loc.int(&c.max_requests, &key("max_requests"), 1.., 0)?),
+            None => None,
+        };
         clusters.push(ClusterConfig {
+            max_requests,
             name,
             balancer: c.balancer.0,
             endpoints,
@@ -809,7 +836,23 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
             1..,
             DEFAULT_MAX_CONCURRENT_STREAMS,
         )?;
+        let max_header_list_size = loc.int(
+            &l.max_header_list_size,
+            &key("max_header_list_size"),
+            1024..=16 * 1024 * 1024,
+            DEFAULT_MAX_HEADER_LIST_SIZE,
+        )?;
+        let idle_timeout =
+            loc.duration(&l.idle_timeout, &key("idle_timeout"), DEFAULT_IDLE_TIMEOUT)?;
+        let handshake_timeout = loc.duration(
+            &l.handshake_timeout,
+            &key("handshake_timeout"),
+            DEFAULT_HANDSHAKE_TIMEOUT,
+        )?;
         listeners.push(ListenerConfig {
+            max_header_list_size,
+            idle_timeout,
+            handshake_timeout,
             name,
             listen,
             tls,

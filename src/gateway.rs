@@ -211,7 +211,7 @@ impl Gateway {
         }
         self.shared.clusters.store(Arc::new(clusters));
         for ((running, l), tls) in listeners.iter_mut().zip(&config.listeners).zip(tls) {
-            running.reload.apply(Router::new(l, &self.shared), tls);
+            running.reload.apply(l, Router::new(l, &self.shared), tls);
             running.config = l.clone();
         }
         let mut health = self.health_checks.lock();

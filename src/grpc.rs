@@ -202,6 +202,89 @@ pub fn parse_timeout(v: &HeaderValue) -> Option<Duration> {
     })
 }
 
+/// Request headers whose value differs on (almost) every call: tracing and request ids. They are
+/// sent upstream as "never indexed" literals, so one client's stream of unique values does not churn
+/// the HPACK dynamic table of an upstream connection that other clients' calls share.
+const PER_CALL_HEADERS: &[&str] = &[
+    "x-request-id",
+    "traceparent",
+    "grpc-trace-bin",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-amzn-trace-id",
+    "x-cloud-trace-context",
+    "uber-trace-id",
+];
+
+/// Checks the request headers a gRPC backend parses and the proxy can check, before any of them is
+/// forwarded; returns the client's `grpc-timeout`, if it sent one.
+///
+/// An upstream connection is shared by many clients' calls and its HPACK dynamic table with them: a
+/// value a backend cannot parse, once forwarded (and indexed), failed other clients' calls on the
+/// same connection (grpc-core answered them `INTERNAL: Error parsing 'grpc-timeout' metadata`). So a
+/// `grpc-timeout` that does not parse, or a `-bin` value that is not base64, is answered here
+/// (`INTERNAL`, as a gRPC server answers it) and never forwarded. One pass over the headers.
+pub fn check_request_headers(headers: &mut HeaderMap) -> Result<Option<Duration>, Status> {
+    let mut timeout = None;
+    for (name, value) in headers.iter_mut() {
+        let name = name.as_str();
+        if name == "grpc-timeout" {
+            match parse_timeout(value) {
+                Some(t) => timeout = Some(t),
+                None => {
+                    return Err(Status::new(
+                        Code::Internal,
+                        format!(
+                            "grpcgate: invalid grpc-timeout \"{}\"",
+                            shown(value.as_bytes())
+                        ),
+                    ))
+                }
+            }
+        } else if name.ends_with("-bin") {
+            if !is_base64_list(value.as_bytes()) {
+                return Err(Status::new(
+                    Code::Internal,
+                    format!("grpcgate: binary metadata \"{name}\" is not valid base64"),
+                ));
+            }
+        } else if PER_CALL_HEADERS.contains(&name) {
+            value.set_sensitive(true);
+        }
+    }
+    Ok(timeout)
+}
+
+/// At most 32 bytes of a client's value, escaped, for an error message.
+fn shown(v: &[u8]) -> String {
+    let cut = &v[..v.len().min(32)];
+    let mut s = cut.escape_ascii().to_string();
+    if cut.len() < v.len() {
+        s.push_str("...");
+    }
+    s
+}
+
+/// Whether a `-bin` value is base64 (standard alphabet, padding optional, as gRPC accepts it); several
+/// values may be joined with commas.
+fn is_base64_list(v: &[u8]) -> bool {
+    v.split(|&b| b == b',').all(|part| {
+        let part = part.trim_ascii();
+        let data = part
+            .strip_suffix(b"==")
+            .or_else(|| part.strip_suffix(b"="))
+            .unwrap_or(part);
+        let padded = data.len() != part.len();
+        data.iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+            // One leftover character is never valid; padding must complete a 4-character group.
+            && data.len() % 4 != 1
+            && (!padded || part.len() % 4 == 0)
+    })
+}
+
 /// Encodes a duration as `grpc-timeout`, choosing the finest unit that fits in 8 digits.
 pub fn encode_timeout(d: Duration) -> HeaderValue {
     const MAX: u128 = 99_999_999;
@@ -315,5 +398,36 @@ mod tests {
         assert!(!is_grpc_content_type(Some(&HeaderValue::from_static(
             "application/grpcx"
         ))));
+    }
+
+    #[test]
+    fn request_header_checks() {
+        let check = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(*k, HeaderValue::from_static(v));
+            }
+            check_request_headers(&mut h).map(|t| (t, h))
+        };
+        assert_eq!(check(&[]).unwrap().0, None);
+        assert_eq!(
+            check(&[("grpc-timeout", "5S")]).unwrap().0,
+            Some(Duration::from_secs(5))
+        );
+        for bad in ["1x", "", "-1S", "S", "123456789S", "1 S"] {
+            let e = check(&[("grpc-timeout", bad)]).unwrap_err();
+            assert_eq!(e.code, Code::Internal, "{bad:?}");
+            assert!(e.message.contains("grpc-timeout"), "{}", e.message);
+        }
+        for good in ["", "AA", "AAA", "AAAA", "AA==", "AAA=", "YWJj,ZGVm", "+/09"] {
+            assert!(check(&[("x-bin", good)]).is_ok(), "{good:?}");
+        }
+        for bad in ["A", "AAAAA", "A===", "AA=", "a*b", "AA==AA"] {
+            let e = check(&[("x-bin", bad)]).unwrap_err();
+            assert_eq!(e.code, Code::Internal, "{bad:?}");
+        }
+        let (_, h) = check(&[("x-request-id", "1234"), ("user-agent", "t")]).unwrap();
+        assert!(h["x-request-id"].is_sensitive());
+        assert!(!h["user-agent"].is_sensitive());
     }
 }

@@ -30,10 +30,12 @@ use crate::worker::{self, Spawner};
 
 /// The HTTP/2 connection preface every h2 client sends first (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// Most connection window a client gets (64 streams' worth): see `handshake`.
-const MAX_CONNECTION_WINDOW: u32 = 64 * upstream::STREAM_WINDOW;
-/// How long a new connection may take to finish TLS and send the preface.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connection window a client gets, and so most request body bytes one connection's stalled
+/// uploads can park in the proxy: 16 streams' worth (see `h2_handshake`).
+pub const MAX_CONNECTION_WINDOW: u32 = 16 * upstream::STREAM_WINDOW;
+/// How long a connection that was sent GOAWAY (idle) may take to close before it is dropped: a client
+/// that never answers the GOAWAY's PING must not keep it.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Builds the rustls server config for a listener: ALPN `h2`, client certificates required when
 /// `client_ca` is set.
@@ -95,8 +97,27 @@ struct ConnectionHandler {
     /// Swapped by a reload (certificate rotation); each new connection reads the current one.
     tls: ArcSwapOption<TlsAcceptor>,
     max_concurrent_streams: u32,
+    /// Swapped by a reload; each new connection reads the current one.
+    limits: ArcSwap<Limits>,
     router: ArcSwap<Router>,
     connections: IntGauge,
+}
+
+/// A listener's per-connection limits that a reload may change (for new connections).
+struct Limits {
+    max_header_list_size: u32,
+    idle_timeout: Duration,
+    handshake_timeout: Duration,
+}
+
+impl Limits {
+    fn of(config: &ListenerConfig) -> Limits {
+        Limits {
+            max_header_list_size: config.max_header_list_size,
+            idle_timeout: config.idle_timeout,
+            handshake_timeout: config.handshake_timeout,
+        }
+    }
 }
 
 /// Applies a reloaded config to a running listener: new routes and TLS settings take effect for new
@@ -105,8 +126,15 @@ struct ConnectionHandler {
 pub struct ListenerReload(Arc<ConnectionHandler>);
 
 impl ListenerReload {
-    /// Swaps in the new router and TLS config (built with [`server_tls_config`]).
-    pub fn apply(&self, router: Router, tls: Option<rustls::ServerConfig>) {
+    /// Swaps in the new router, limits and TLS config (built with [`server_tls_config`]).
+    /// `max_concurrent_streams` keeps its value from start-up.
+    pub fn apply(
+        &self,
+        config: &ListenerConfig,
+        router: Router,
+        tls: Option<rustls::ServerConfig>,
+    ) {
+        self.0.limits.store(Arc::new(Limits::of(config)));
         self.0
             .tls
             .store(tls.map(|t| Arc::new(TlsAcceptor::from(Arc::new(t)))));
@@ -144,6 +172,7 @@ impl Listener {
                 name: config.name.clone(),
                 tls: ArcSwapOption::from(tls.map(Arc::new)),
                 max_concurrent_streams: config.max_concurrent_streams,
+                limits: ArcSwap::from_pointee(Limits::of(config)),
                 router: ArcSwap::from_pointee(router),
                 connections,
             }),
@@ -245,30 +274,27 @@ impl ConnectionHandler {
         // Each branch is boxed at its own size: inline, every connection's task would be as large as
         // the largest (TLS) state, and a task is copied whole into its allocation when spawned, so
         // an idle plaintext connection would hold pages of TLS state it never uses.
+        let limits = self.limits.load_full();
+        // One deadline for the TLS handshake and the preface together.
+        let handshake_by = tokio::time::Instant::now() + limits.handshake_timeout;
         match self.tls.load_full() {
-            None => Box::pin(self.serve_h2(tcp, peer, shutdown)).await,
-            Some(acceptor) => Box::pin(self.serve_tls(&acceptor, tcp, peer, shutdown)).await,
+            None => Box::pin(self.serve_h2(tcp, peer, &limits, handshake_by, shutdown)).await,
+            Some(acceptor) => {
+                let tls = tokio::time::timeout_at(handshake_by, acceptor.accept(tcp))
+                    .await
+                    .map_err(|_| "TLS handshake timed out".to_string())?
+                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                Box::pin(self.serve_h2(tls, peer, &limits, handshake_by, shutdown)).await
+            }
         }
-    }
-
-    async fn serve_tls(
-        &self,
-        acceptor: &TlsAcceptor,
-        tcp: TcpStream,
-        peer: SocketAddr,
-        shutdown: CancellationToken,
-    ) -> Result<(), String> {
-        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-            .await
-            .map_err(|_| "TLS handshake timed out".to_string())?
-            .map_err(|e| format!("TLS handshake failed: {e}"))?;
-        self.serve_h2(tls, peer, shutdown).await
     }
 
     async fn serve_h2<IO>(
         &self,
         io: IO,
         peer: SocketAddr,
+        limits: &Limits,
+        handshake_by: tokio::time::Instant,
         shutdown: CancellationToken,
     ) -> Result<(), String>
     where
@@ -276,9 +302,16 @@ impl ConnectionHandler {
     {
         // The handshake's state (preface check, h2's Handshake) is large and short-lived: boxed apart,
         // the future that lives as long as the connection holds little more than h2's connection.
-        let mut conn = Box::pin(self.h2_handshake(io)).await?;
+        let mut conn = Box::pin(self.h2_handshake(io, limits, handshake_by)).await?;
         tracing::debug!(listener = %self.name, %peer, "connection established");
         let mut draining = false;
+        // Idle check: when it fires with no stream open the connection is sent GOAWAY; with streams
+        // open it is set again. So a connection closes between one and two idle timeouts after its
+        // last stream ended (a stream's end wakes nothing here). Streams accepted do not reset it:
+        // no timer work per call.
+        let idle = tokio::time::sleep(limits.idle_timeout);
+        tokio::pin!(idle);
+        let mut idle_closing = false;
         loop {
             let next = tokio::select! {
                 next = conn.accept() => next,
@@ -286,6 +319,25 @@ impl ConnectionHandler {
                     // GOAWAY; accept() keeps driving the connection until every open stream is done.
                     draining = true;
                     conn.graceful_shutdown();
+                    continue;
+                }
+                _ = &mut idle => {
+                    if idle_closing {
+                        return Err("closed: GOAWAY (idle) not answered in time".into());
+                    }
+                    if conn.has_streams() {
+                        idle.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
+                    } else {
+                        tracing::debug!(listener = %self.name, %peer, "idle; closing");
+                        idle_closing = true;
+                        if !draining {
+                            draining = true;
+                            conn.graceful_shutdown();
+                        }
+                        // A peer that never answers GOAWAY's PING (or sends half a header block
+                        // and stops) must not hold the connection: dropped after a short grace.
+                        idle.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
+                    }
                     continue;
                 }
             };
@@ -312,6 +364,8 @@ impl ConnectionHandler {
     async fn h2_handshake<IO>(
         &self,
         mut io: IO,
+        limits: &Limits,
+        handshake_by: tokio::time::Instant,
     ) -> Result<h2::server::Connection<Prefixed<IO>, Bytes>, String>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -336,8 +390,13 @@ impl ConnectionHandler {
             }
             Ok(())
         };
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_preface).await {
-            Err(_) => return Err("no HTTP/2 preface within 10s".into()),
+        match tokio::time::timeout_at(handshake_by, read_preface).await {
+            Err(_) => {
+                return Err(format!(
+                    "no HTTP/2 preface within {}ms",
+                    limits.handshake_timeout.as_millis()
+                ))
+            }
             Ok(Err(e)) if e == "not HTTP/2" => {
                 let what = if prefix[..n].windows(5).any(|w| w == b"HTTP/") {
                     "an HTTP/1.x request"
@@ -369,7 +428,7 @@ impl ConnectionHandler {
             pos: 0,
             io,
         };
-        h2::server::Builder::new()
+        let handshake = h2::server::Builder::new()
             .initial_window_size(upstream::STREAM_WINDOW)
             // Capped: a client decides how many streams it fills, so an uncapped window would let one
             // connection park a GiB of request bodies (1,024 streams × 1 MiB) in front of slow backends.
@@ -378,9 +437,14 @@ impl ConnectionHandler {
                 upstream::connection_window(self.max_concurrent_streams).min(MAX_CONNECTION_WINDOW),
             )
             .max_concurrent_streams(self.max_concurrent_streams)
+            // Bounds the decoded headers of a request (the HPACK bomb: a 4 KB block that decodes
+            // to 16 MB) and of a header block still arriving in CONTINUATION frames.
+            .max_header_list_size(limits.max_header_list_size)
             .max_concurrent_reset_streams(crate::upstream::RESET_STREAM_MEMORY)
-            .handshake::<_, Bytes>(io)
+            .handshake::<_, Bytes>(io);
+        tokio::time::timeout_at(handshake_by, handshake)
             .await
+            .map_err(|_| "HTTP/2 handshake timed out".to_string())?
             .map_err(|e| format!("HTTP/2 handshake failed: {e}"))
     }
 }

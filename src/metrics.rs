@@ -29,6 +29,7 @@ pub struct Metrics {
     ejections: IntCounterVec,
     refused: IntCounterVec,
     reloads: IntCounterVec,
+    overflows: IntCounterVec,
     downstream_connections: IntGaugeVec,
 }
 
@@ -109,7 +110,22 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
-        for c in [&requests, &health_checks, &ejections, &refused, &reloads] {
+        let overflows = IntCounterVec::new(
+            Opts::new(
+                "grpcgate_cluster_overflow_total",
+                "Calls refused with RESOURCE_EXHAUSTED because the cluster had max_requests calls in flight.",
+            ),
+            &["cluster"],
+        )
+        .expect("valid metric");
+        for c in [
+            &requests,
+            &health_checks,
+            &ejections,
+            &refused,
+            &reloads,
+            &overflows,
+        ] {
             registry
                 .register(Box::new(c.clone()))
                 .expect("unique metric");
@@ -132,6 +148,7 @@ impl Metrics {
             ejections,
             refused,
             reloads,
+            overflows,
             downstream_connections,
         })
     }
@@ -201,6 +218,11 @@ impl Metrics {
     /// The counter of calls an endpoint refused unprocessed.
     pub fn refused(&self, cluster: &str, endpoint: &str) -> IntCounter {
         self.refused.with_label_values(&[cluster, endpoint])
+    }
+
+    /// The counter of calls a cluster refused over its `max_requests`.
+    pub fn overflows(&self, cluster: &str) -> IntCounter {
+        self.overflows.with_label_values(&[cluster])
     }
 
     /// Counts a config reload attempt.

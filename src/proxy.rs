@@ -93,16 +93,36 @@ fn forward<'a>(
     respond: &'a mut SendResponse<Bytes>,
     start: Instant,
 ) -> impl Future<Output = (Option<usize>, Code)> + Send + 'a {
-    let client_timeout = req
-        .headers()
-        .get(&GRPC_TIMEOUT)
-        .and_then(grpc::parse_timeout);
+    let mut req = req;
+    // Answered here, before the call's future is built: it then carries one byte for it.
+    let (client_timeout, rejected) = match grpc::check_request_headers(req.headers_mut()) {
+        Ok(t) => (t, None),
+        Err(status) => {
+            reply(respond, &status);
+            (None, Some(status.code))
+        }
+    };
     let budget = match (route.timeout, client_timeout) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
     async move {
+        if let Some(code) = rejected {
+            return (None, code);
+        }
         let cluster = &route.cluster;
+        let Some(_admitted) = cluster.admit() else {
+            let status = Status::new(
+                Code::ResourceExhausted,
+                format!(
+                    "grpcgate: cluster \"{}\" has max_requests ({}) calls in flight",
+                    cluster.name,
+                    cluster.max_requests().unwrap_or_default()
+                ),
+            );
+            reply(respond, &status);
+            return (None, status.code);
+        };
         let deadline = budget.map(|b| start + b);
         let mut deadline_sleep = pin!(tokio::time::sleep_until(
             deadline.unwrap_or_else(|| start + Duration::from_secs(86_400 * 365))
@@ -740,7 +760,11 @@ fn upstream_request(
     // (RFC 9113 §8.2.2) and resets it before it gets here.
     if let Some(d) = deadline {
         let remaining = d.saturating_duration_since(Instant::now());
-        headers.insert(GRPC_TIMEOUT.clone(), grpc::encode_timeout(remaining));
+        // Never indexed: the value changes every call, and in the upstream connection's HPACK table
+        // (shared by every client's calls) it would only push out the fields that do repeat.
+        let mut timeout = grpc::encode_timeout(remaining);
+        timeout.set_sensitive(true);
+        headers.insert(GRPC_TIMEOUT.clone(), timeout);
     }
     req
 }

@@ -26,7 +26,12 @@ use tokio::time::Instant;
 use crate::worker;
 
 /// Stream flow-control window we give upstream responses and clients' request bodies (per stream).
-pub const STREAM_WINDOW: u32 = 1024 * 1024;
+/// It is what one stalled stream can make the proxy hold, so with a listener's
+/// `max_concurrent_streams` it bounds what one client connection can: a client that reads nothing
+/// (`SETTINGS_INITIAL_WINDOW_SIZE = 0`) while its server streams fill their upstream windows held
+/// 2.4 GB at 1 MiB × 1,024 streams; at 256 KiB × 100 it holds at most 25 MiB of response data (README,
+/// "Limits"). 256 KiB still covers a 1 ms round trip at 2 Gbit/s per stream.
+pub const STREAM_WINDOW: u32 = 256 * 1024;
 
 /// The connection flow-control window for a connection of up to `streams` concurrent streams: a
 /// stream window for each (at most HTTP/2's 2^31 - 1). A frame's credit goes back only once the other

@@ -205,6 +205,27 @@ pub struct Cluster {
     pub outlier: Option<OutlierDetector>,
     /// `grpcgate_request_duration_seconds{cluster}`.
     pub duration: Histogram,
+    /// `max_requests`: the cap and the count of calls in flight to the cluster (shared with the
+    /// cluster a reload replaces this one with, so calls in flight across a reload still count).
+    requests: Option<RequestLimit>,
+}
+
+/// A cluster's cap on calls in flight (`max_requests`).
+struct RequestLimit {
+    max: usize,
+    in_flight: Arc<AtomicUsize>,
+    overflows: IntCounter,
+}
+
+/// One admitted call under a cluster's `max_requests`; dropping it ends the call.
+pub struct Admitted(Option<Arc<AtomicUsize>>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Some(n) = &self.0 {
+            n.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Cluster {
@@ -268,7 +289,35 @@ impl Cluster {
             }),
             pool_settings: (config.connect_timeout, config.max_streams_per_connection),
             duration: metrics.duration(&config.name),
+            requests: config.max_requests.map(|max| RequestLimit {
+                max: max as usize,
+                in_flight: previous
+                    .and_then(|p| p.requests.as_ref())
+                    .map(|r| r.in_flight.clone())
+                    .unwrap_or_default(),
+                overflows: metrics.overflows(&config.name),
+            }),
         }
+    }
+
+    /// Admits one more call under `max_requests`, or None (counted) when the cluster is at it. A
+    /// cluster without the cap admits every call at no cost.
+    #[inline]
+    pub fn admit(&self) -> Option<Admitted> {
+        let Some(limit) = &self.requests else {
+            return Some(Admitted(None));
+        };
+        if limit.in_flight.fetch_add(1, Ordering::Relaxed) >= limit.max {
+            limit.in_flight.fetch_sub(1, Ordering::Relaxed);
+            limit.overflows.inc();
+            return None;
+        }
+        Some(Admitted(Some(limit.in_flight.clone())))
+    }
+
+    /// The cluster's `max_requests`, if set.
+    pub fn max_requests(&self) -> Option<usize> {
+        self.requests.as_ref().map(|r| r.max)
     }
 
     /// Picks the endpoint for the next call: an available one, or any one in panic mode.

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: real echo backends, a real gateway, real clients.
 #![allow(dead_code)]
 
+pub mod hostile;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
