@@ -720,7 +720,9 @@ async fn sixteen_mib_message_each_way() {
 async fn thousand_concurrent_streams_over_one_connection() {
     const N: usize = 1000;
     let b = backends(3).await;
-    let gw = gateway_for(&b).await;
+    // Above the default of 100 streams per client connection.
+    let text = config_text(&addrs(&b), "round_robin", "", "");
+    let gw = start(&with_listener_keys(&text, "max_concurrent_streams = 1024")).await;
     let ch = edge_channel(&gw).await;
     let (release_tx, release_rx) = watch::channel(false);
     // Each call reports once it is open (or failed to open) and then waits for the release.

@@ -68,6 +68,13 @@ endpoints = [{eps}]
     )
 }
 
+/// Adds `extra` (TOML keys) to the "edge" listener of a [`config_text`] config.
+pub fn with_listener_keys(text: &str, extra: &str) -> String {
+    let marker = "name = \"edge\"\nlisten = \"127.0.0.1:0\"\n";
+    assert!(text.contains(marker), "not a config_text config");
+    text.replacen(marker, &format!("{marker}{extra}\n"), 1)
+}
+
 /// Parses config text, panicking with the error.
 pub fn parse(text: &str) -> Config {
     Config::parse(text, "test.toml", Path::new(".")).unwrap_or_else(|e| panic!("{e}"))
