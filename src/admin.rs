@@ -4,18 +4,56 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::gateway::Shared;
 
+/// How long a connection may take to send a complete request head, counted from when the connection
+/// opens or, on a keep-alive connection, from the end of the previous response. A slowloris client
+/// (a partial request, then silence or a byte now and then) is closed after this, and so is an idle
+/// keep-alive connection: hyper (1.12) restarts this one timer whenever a connection goes idle and
+/// has no separate idle timeout. Admin requests are a few hundred bytes from scrapers and probes on a
+/// nearby network, so 10 s is generous; a Prometheus scraper whose interval is longer just reconnects.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The longest any admin connection lives, however busy. The header timeout does not cover a client
+/// that keeps a connection busy without ever going idle for 10 s, reads its responses very slowly or
+/// trickles a request body; this bounds all of them. At this age the connection is closed gracefully
+/// (at once if idle, after the response being written otherwise) and [`CLOSE_GRACE`] later for good.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
+
+/// How long a connection that reached [`MAX_CONNECTION_AGE`] may take to finish its response (the
+/// answers are built in memory, so only a client not reading can make this last).
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Admin connections served at the same time; one more is closed as soon as it is accepted. Scrapers
+/// and probes need a handful, so 64 leaves room while keeping a flood of idle connections from using
+/// up the process's file descriptors (which the data plane needs) or memory (hyper buffers up to
+/// ~400 KB per connection). The price: a client that keeps reopening silent connections can hold
+/// every slot and keep the admin server (not the data plane) unavailable for as long as it does so;
+/// each connection it holds is closed after [`HEADER_READ_TIMEOUT`].
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// The pause after a failed `accept` before the next try. A failure is usually EMFILE/ENFILE (out of
+/// file descriptors), which leaves the pending connection in the backlog: the listener stays readable
+/// and retrying at once would spin a core until a descriptor frees up. The data-plane listener uses
+/// the same 50 ms.
+pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
 /// Binds the admin address and serves it until `shutdown` fires; returns the bound address.
+///
+/// Connections are bounded by [`HEADER_READ_TIMEOUT`], [`MAX_CONNECTION_AGE`] and
+/// [`MAX_CONNECTIONS`]; accept errors are retried every [`ACCEPT_ERROR_BACKOFF`].
 pub async fn spawn(
     addr: SocketAddr,
     shared: Arc<Shared>,
@@ -26,25 +64,82 @@ pub async fn spawn(
         .map_err(|e| std::io::Error::new(e.kind(), format!("admin: cannot bind {addr}: {e}")))?;
     let local = listener.local_addr()?;
     tracing::info!(addr = %local, "admin listening");
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = tokio::select! {
-                r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
-                _ = shutdown.cancelled() => return,
-            };
-            let shared = shared.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(handle(&shared, &req)) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
-            });
-        }
-    });
+    tokio::spawn(accept_loop(listener, shared, shutdown));
     Ok(local)
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    // Each condition is logged when it starts, not on every connection or retry: under a flood or
+    // while out of descriptors that would be thousands of lines a second.
+    let mut accept_failing = false;
+    let mut at_capacity = false;
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.cancelled() => return,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                if !accept_failing {
+                    accept_failing = true;
+                    tracing::warn!(
+                        error = %e,
+                        retry_ms = ACCEPT_ERROR_BACKOFF.as_millis() as u64,
+                        "admin: accept failed; retrying until it succeeds (logged once)"
+                    );
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => continue,
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        };
+        if accept_failing {
+            accept_failing = false;
+            tracing::info!("admin: accepting connections again");
+        }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if !at_capacity {
+                at_capacity = true;
+                tracing::warn!(
+                    limit = MAX_CONNECTIONS,
+                    "admin: connection limit reached; closing new connections at once until one ends"
+                );
+            }
+            drop(tcp);
+            continue;
+        };
+        at_capacity = false;
+        tokio::spawn(serve_connection(tcp, builder.clone(), shared.clone(), slot));
+    }
+}
+
+/// Serves one connection until the client closes it or a bound closes it; holds its `slot` until then.
+async fn serve_connection(
+    tcp: TcpStream,
+    builder: http1::Builder,
+    shared: Arc<Shared>,
+    _slot: OwnedSemaphorePermit,
+) {
+    let service = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(handle(&shared, &req)) }
+    });
+    let conn = builder.serve_connection(TokioIo::new(tcp), service);
+    tokio::pin!(conn);
+    // Errors (a header timeout, a malformed request, a reset) concern that one client only.
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = tokio::time::sleep(MAX_CONNECTION_AGE) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
 }
 
 fn text(

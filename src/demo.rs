@@ -59,6 +59,15 @@ const PAYLOAD: &[u8] = b"grpcgate demo payload: 0123456789abcdefghijklmnopqrstuv
 /// hang the demo.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the demo waits for every backend to pass its first health check before it gives up.
+/// The endpoints start unhealthy and the proxy checks each at once and then every second (the demo
+/// config's `interval`), so they are normally healthy within milliseconds; 10 s leaves room for a
+/// busy machine and a few failed checks.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the demo looks at the endpoints' health while it waits.
+const READY_POLL: Duration = Duration::from_millis(10);
+
 /// How long shutdown waits for in-flight calls (there should be none left by then).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -114,6 +123,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if let Some(admin) = gateway.admin_addr() {
         println!("  admin            http://{admin}/metrics");
     }
+    // Endpoints start unhealthy until their first health check passes; a call before that fails
+    // with UNAVAILABLE, which is the proxy doing its job but not what the showcase is about.
+    match wait_until_healthy(&gateway, &addrs).await {
+        Ok(waited) => println!(
+            "  ready            every backend passed its first health check after {} ms",
+            waited.as_millis()
+        ),
+        Err(e) => {
+            gateway.shutdown(DRAIN_TIMEOUT).await;
+            return Err(e);
+        }
+    }
     let connections = CONNECTIONS.min(args.concurrency);
     println!(
         "  load     {} workers over {connections} connections for {} s: 1 call in {STREAM_EVERY} \
@@ -148,6 +169,40 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     // Dropping the backends stops their threads.
     drop(backends);
     Ok(())
+}
+
+/// Waits until every endpoint of every cluster is available (bounded by [`READY_TIMEOUT`]); returns
+/// how long that took, or an error naming the backends still unhealthy.
+async fn wait_until_healthy(gateway: &Gateway, addrs: &[SocketAddr]) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let clusters = gateway.clusters();
+        let waiting: Vec<String> = clusters
+            .iter()
+            .flat_map(|c| c.endpoints.iter())
+            .filter(|e| !e.is_available())
+            .map(|e| {
+                let name = BACKENDS
+                    .iter()
+                    .zip(addrs)
+                    .find(|(_, a)| a.to_string() == e.address)
+                    .map_or("?", |((name, _, _), _)| name);
+                format!("{name} ({})", e.address)
+            })
+            .collect();
+        if waiting.is_empty() {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() >= READY_TIMEOUT {
+            anyhow::bail!(
+                "the proxy was not ready after {} s: no health check has passed yet for {}; \
+                 the health-check warnings above say why",
+                READY_TIMEOUT.as_secs(),
+                waiting.join(", ")
+            );
+        }
+        tokio::time::sleep(READY_POLL).await;
+    }
 }
 
 /// The built-in config for backends listening on `backends` (in [`BACKENDS`] order), with the

@@ -1,5 +1,6 @@
 //! The real `grpcgate` binary as a child process: `--version`, `--check` on good and bad configs (the
-//! exact error line), SIGTERM drain with a call in flight, and SIGHUP not killing the process.
+//! exact error line), SIGTERM drain with a call in flight, SIGHUP not killing the process, and a short
+//! `demo` run with nothing but OK calls.
 //!
 //! Every child is killed when its guard drops, and every wait is bounded.
 
@@ -756,4 +757,41 @@ async fn sighup_reloads_the_config_and_keeps_the_old_one_when_the_new_one_is_bad
     proxy.signal(libc::SIGTERM);
     let status = proxy.wait_exit().await;
     assert_eq!(status.code(), Some(0), "exit status {status}");
+}
+
+/// Every call of the demo succeeds: its load starts only once every backend has passed a health check
+/// (before, the first call of each worker could find no healthy endpoint: `UNAVAILABLE 32`).
+#[tokio::test]
+async fn demo_reports_only_ok_calls() {
+    let out = run(&["demo", "--seconds", "1"]).await;
+    assert!(
+        out.status.success(),
+        "demo failed: {:?}\n{}\n{}",
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        out.stdout
+            .contains("ready            every backend passed its first health check"),
+        "{}",
+        out.stdout
+    );
+    let statuses = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("gRPC status"))
+        .unwrap_or_else(|| panic!("no status line:\n{}", out.stdout))
+        .trim();
+    let ok: u64 = statuses
+        .strip_prefix("OK ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("statuses other than OK: {statuses}\n{}", out.stdout));
+    assert!(ok > 0, "no calls made:\n{}", out.stdout);
+    assert!(
+        out.stdout.contains("agrees with the clients"),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains("warning"), "{}", out.stdout);
 }
