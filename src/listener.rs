@@ -198,6 +198,7 @@ impl Listener {
                 return;
             }
         };
+        let mut accept_failing = false;
         loop {
             let accepted = tokio::select! {
                 // Shutdown first: once the drain started, no new connection may slip through.
@@ -206,10 +207,20 @@ impl Listener {
                 r = tcp.accept() => r,
             };
             let (tcp, peer) = match accepted {
-                Ok(x) => x,
+                Ok(x) => {
+                    if accept_failing {
+                        accept_failing = false;
+                        tracing::info!(listener = %name, "accepting connections again");
+                    }
+                    x
+                }
                 Err(e) => {
-                    // Usually EMFILE: back off briefly instead of spinning.
-                    tracing::warn!(listener = %name, error = %e, "accept failed");
+                    // Usually EMFILE: back off briefly instead of spinning, and say so once, not
+                    // 20 times a second.
+                    if !accept_failing {
+                        accept_failing = true;
+                        tracing::warn!(listener = %name, error = %e, "accept failed; retrying every 50ms");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
