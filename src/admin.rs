@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::gateway::Shared;
+use crate::state::Shared;
 
 /// How long a connection may take to send a complete request head, counted from when the connection
 /// opens or, on a keep-alive connection, from the end of the previous response. A slowloris client

@@ -15,6 +15,8 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use crate::tls::TlsConfig;
+
 /// A configuration that parsed and passed every check.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -54,17 +56,6 @@ pub struct ListenerConfig {
     pub idle_timeout: Duration,
     /// Time a new connection has to finish its TLS handshake and send the HTTP/2 preface.
     pub handshake_timeout: Duration,
-}
-
-/// TLS termination for a listener; the files were read and parsed at load time.
-#[derive(Debug, Clone)]
-pub struct TlsConfig {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub client_ca: Option<PathBuf>,
-    pub cert_chain: Vec<rustls::pki_types::CertificateDer<'static>>,
-    pub private_key: std::sync::Arc<rustls::pki_types::PrivateKeyDer<'static>>,
-    pub client_ca_certs: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// One route: which calls it matches and where they go.
@@ -774,7 +765,7 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
                     client_ca_certs,
                 };
                 // Build the rustls config now so a key that does not match the certificate fails at load time.
-                crate::listener::server_tls_config(&cfg).map_err(|e| {
+                crate::tls::server_tls_config(&cfg).map_err(|e| {
                     loc.at(
                         &t.cert,
                         &key("tls"),

@@ -16,40 +16,11 @@ use crate::admin;
 use crate::balancer::Cluster;
 use crate::config::{Config, ListenerConfig};
 use crate::health;
-use crate::listener::{self, Listener, ListenerReload};
+use crate::listener::{Listener, ListenerReload};
 use crate::metrics::Metrics;
 use crate::router::Router;
+use crate::state::Shared;
 use crate::worker::Workers;
-
-/// State shared by the listeners, the admin server and reloads.
-pub struct Shared {
-    pub metrics: Arc<Metrics>,
-    /// The current clusters, in config order; a reload swaps the whole list.
-    clusters: ArcSwap<Vec<Arc<Cluster>>>,
-    /// Set once shutdown begins: `/ready` answers 503 from then on.
-    pub draining: AtomicBool,
-}
-
-impl Shared {
-    /// The current cluster with this name.
-    pub fn cluster(&self, name: &str) -> Option<Arc<Cluster>> {
-        self.clusters
-            .load()
-            .iter()
-            .find(|c| c.name == name)
-            .cloned()
-    }
-
-    /// The current clusters, in config order.
-    pub fn clusters(&self) -> Arc<Vec<Arc<Cluster>>> {
-        self.clusters.load_full()
-    }
-
-    /// Whether shutdown has begun.
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-}
 
 /// A running listener, as the gateway keeps track of it.
 struct RunningListener {
@@ -195,7 +166,7 @@ impl Gateway {
             .listeners
             .iter()
             .map(|l| match &l.tls {
-                Some(t) => listener::server_tls_config(t)
+                Some(t) => crate::tls::server_tls_config(t)
                     .map(Some)
                     .map_err(|e| format!("listener \"{}\": {e}", l.name)),
                 None => Ok(None),

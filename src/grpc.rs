@@ -285,6 +285,11 @@ fn is_base64_list(v: &[u8]) -> bool {
     })
 }
 
+/// The gRPC path of the standard health check, which the proxy can answer itself.
+pub const CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
+/// The standard health service name.
+pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
 /// Encodes a duration as `grpc-timeout`, choosing the finest unit that fits in 8 digits.
 pub fn encode_timeout(d: Duration) -> HeaderValue {
     const MAX: u128 = 99_999_999;

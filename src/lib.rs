@@ -18,6 +18,8 @@ pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod router;
+pub mod state;
+pub mod tls;
 pub mod upstream;
 pub mod worker;
 

@@ -22,9 +22,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ListenerConfig, TlsConfig};
+use crate::config::ListenerConfig;
 use crate::proxy;
 use crate::router::Router;
+use crate::tls::server_tls_config;
 use crate::upstream;
 use crate::worker::{self, Spawner};
 
@@ -36,35 +37,6 @@ pub const MAX_CONNECTION_WINDOW: u32 = 16 * upstream::STREAM_WINDOW;
 /// How long a connection that was sent GOAWAY (idle) may take to close before it is dropped: a client
 /// that never answers the GOAWAY's PING must not keep it.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
-
-/// Builds the rustls server config for a listener: ALPN `h2`, client certificates required when
-/// `client_ca` is set.
-pub fn server_tls_config(tls: &TlsConfig) -> Result<rustls::ServerConfig, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?;
-    let builder = if tls.client_ca_certs.is_empty() {
-        builder.with_no_client_auth()
-    } else {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in &tls.client_ca_certs {
-            roots
-                .add(c.clone())
-                .map_err(|e| format!("bad client CA certificate: {e}"))?;
-        }
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| e.to_string())?;
-        builder.with_client_cert_verifier(verifier)
-    };
-    let mut config = builder
-        .with_single_cert(tls.cert_chain.clone(), tls.private_key.clone_key())
-        .map_err(|e| e.to_string())?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(config)
-}
 
 /// Accept backlog; the kernel caps it at `net.core.somaxconn`. Clients connect in bursts (a deploy, a
 /// reconnect storm after a network blip), and tokio's default of 1024 overflowed in our 1,000-client

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use crate::balancer::Cluster;
 use crate::config::ListenerConfig;
-use crate::gateway::Shared;
-use crate::health::HEALTH_SERVICE;
+use crate::grpc::HEALTH_SERVICE;
 use crate::metrics::StatusCounters;
+use crate::state::Shared;
 
 /// Where matching calls go and how long they may take.
 pub struct Route {

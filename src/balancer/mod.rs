@@ -5,8 +5,11 @@
 //! the [`Endpoint`], so a pick reads a slice and a few atomics and takes no lock.
 
 mod least_request;
+mod outlier;
 mod round_robin;
 mod shortest_queue;
+
+pub use outlier::OutlierDetector;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,7 +17,6 @@ use std::sync::Arc;
 use prometheus::{Histogram, IntCounter, IntGauge};
 
 use crate::config::{BalancerKind, ClusterConfig, EndpointConfig};
-use crate::health::OutlierDetector;
 use crate::metrics::Metrics;
 use crate::upstream::Pool;
 
