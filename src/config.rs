@@ -32,6 +32,28 @@ pub struct Config {
     /// Workers poll for I/O without sleeping (like HAProxy's `busy-polling`): lower latency, a full
     /// CPU per worker.
     pub busy_poll: bool,
+    /// Where DNS clusters resolve their names.
+    pub dns: DnsConfig,
+}
+
+/// The resolver of DNS clusters (`[dns]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Nameservers (`ip:port`, UDP with TCP on truncation); empty = the system's (/etc/resolv.conf).
+    pub nameservers: Vec<SocketAddr>,
+}
+
+/// Where a cluster's endpoints come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointSource {
+    /// The `endpoints` list of the config.
+    Static,
+    /// Every A and AAAA address of `host`, with `port`, re-resolved at least every `refresh`.
+    Dns {
+        host: String,
+        port: u16,
+        refresh: Duration,
+    },
 }
 
 /// The admin HTTP server (`/metrics`, `/healthz`, `/ready`).
@@ -87,7 +109,11 @@ impl BalancerKind {
 pub struct ClusterConfig {
     pub name: String,
     pub balancer: BalancerKind,
+    /// The static endpoints (empty for a DNS cluster, whose endpoints come from its answers).
     pub endpoints: Vec<EndpointConfig>,
+    pub source: EndpointSource,
+    /// A new endpoint's weight ramps from 10 % to 100 % over this window (off when None).
+    pub slow_start: Option<Duration>,
     /// `least_request`: how many endpoints to sample per pick.
     pub choice_count: usize,
     pub health_check: Option<HealthCheckConfig>,
@@ -134,7 +160,7 @@ pub struct OutlierConfig {
 }
 
 /// Active grpc.health.v1 checking of a cluster's endpoints.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheckConfig {
     pub interval: Duration,
     pub timeout: Duration,
@@ -183,6 +209,9 @@ const DEFAULT_MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 /// drops it silently.
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Re-resolve a DNS cluster's name at least this often: a pod that became ready gets calls within
+/// this (plus a health check).
+const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(5);
 /// RFC 9113 recommends servers allow at least 100 streams; staying at 100 per upstream connection keeps
 /// the blast radius of one connection's failure (or GOAWAY) small and spreads load over more sockets.
 const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 100;
@@ -200,6 +229,14 @@ struct RawConfig {
     drain_timeout: Option<Spanned<DurationStr>>,
     workers: Option<Spanned<u32>>,
     busy_poll: Option<bool>,
+    dns: Option<RawDns>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    #[serde(default)]
+    nameservers: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -245,7 +282,10 @@ struct RawCluster {
     name: Spanned<String>,
     #[serde(default = "default_balancer")]
     balancer: BalancerName,
-    endpoints: Spanned<Vec<Spanned<RawEndpoint>>>,
+    endpoints: Option<Spanned<Vec<Spanned<RawEndpoint>>>>,
+    dns: Option<Spanned<String>>,
+    dns_refresh: Option<Spanned<DurationStr>>,
+    slow_start: Option<Spanned<DurationStr>>,
     choice_count: Option<Spanned<u32>>,
     health_check: Option<RawHealthCheck>,
     outlier_detection: Option<RawOutlier>,
@@ -558,138 +598,15 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
     let mut clusters = Vec::with_capacity(raw.clusters.len());
     let mut cluster_names = HashSet::new();
     for (i, c) in raw.clusters.iter().enumerate() {
-        let key = |k: &str| format!("clusters[{i}].{k}");
-        let name = c.name.get_ref().clone();
-        if name.is_empty() {
-            return Err(loc.at(&c.name, &key("name"), "cluster name must not be empty"));
-        }
-        if !cluster_names.insert(name.clone()) {
+        let cluster = validate_cluster(loc, i, c)?;
+        if !cluster_names.insert(cluster.name.clone()) {
             return Err(loc.at(
                 &c.name,
-                &key("name"),
-                format!("duplicate cluster name \"{name}\""),
+                &format!("clusters[{i}].name"),
+                format!("duplicate cluster name \"{}\"", cluster.name),
             ));
         }
-        if c.endpoints.get_ref().is_empty() {
-            return Err(loc.at(
-                &c.endpoints,
-                &key("endpoints"),
-                format!("cluster \"{name}\" has no endpoints"),
-            ));
-        }
-        let mut seen = HashSet::new();
-        let mut endpoints = Vec::new();
-        for (j, e) in c.endpoints.get_ref().iter().enumerate() {
-            let k = key(&format!("endpoints[{j}]"));
-            let (address, weight) = match e.get_ref() {
-                RawEndpoint::Address(a) => (a.clone(), 1),
-                RawEndpoint::Weighted(w) => (w.address.clone(), w.weight),
-            };
-            check_endpoint(loc, &Spanned::new(e.span(), address.clone()), &k)?;
-            if !(1..=1000).contains(&weight) {
-                return Err(loc.at(
-                    e,
-                    &format!("{k}.weight"),
-                    format!("weight must be between 1 and 1000, got {weight}"),
-                ));
-            }
-            if !seen.insert(address.clone()) {
-                return Err(loc.at(e, &k, format!("duplicate endpoint \"{address}\"")));
-            }
-            endpoints.push(EndpointConfig {
-                address,
-                weight: weight as u32,
-            });
-        }
-        let health_check = match &c.health_check {
-            None => None,
-            Some(h) => {
-                let hk = |k: &str| key(&format!("health_check.{k}"));
-                Some(HealthCheckConfig {
-                    interval: loc.duration(&h.interval, &hk("interval"), Duration::from_secs(5))?,
-                    timeout: loc.duration(&h.timeout, &hk("timeout"), Duration::from_secs(1))?,
-                    unhealthy_threshold: loc.int(
-                        &h.unhealthy_threshold,
-                        &hk("unhealthy_threshold"),
-                        1..,
-                        2,
-                    )?,
-                    healthy_threshold: loc.int(
-                        &h.healthy_threshold,
-                        &hk("healthy_threshold"),
-                        1..,
-                        1,
-                    )?,
-                    service: h.service.clone(),
-                    mode: match h.mode.as_ref().map(|m| (m, m.get_ref().as_str())) {
-                        None | Some((_, "poll")) => HealthCheckMode::Poll,
-                        Some((_, "watch")) => HealthCheckMode::Watch,
-                        Some((m, other)) => {
-                            return Err(loc.at(
-                                m,
-                                &hk("mode"),
-                                format!("unknown mode \"{other}\"; expected poll or watch"),
-                            ))
-                        }
-                    },
-                    start_healthy: h.start_healthy,
-                })
-            }
-        };
-        let outlier_detection = match &c.outlier_detection {
-            None => None,
-            Some(o) => {
-                let ok = |k: &str| key(&format!("outlier_detection.{k}"));
-                Some(OutlierConfig {
-                    consecutive_failures: loc.int(
-                        &o.consecutive_failures,
-                        &ok("consecutive_failures"),
-                        1..,
-                        5,
-                    )?,
-                    base_ejection_time: loc.duration(
-                        &o.base_ejection_time,
-                        &ok("base_ejection_time"),
-                        Duration::from_secs(30),
-                    )?,
-                    max_ejection_percent: loc.int(
-                        &o.max_ejection_percent,
-                        &ok("max_ejection_percent"),
-                        0..=100,
-                        10,
-                    )?,
-                })
-            }
-        };
-        let connect_timeout = loc.duration(
-            &c.connect_timeout,
-            &key("connect_timeout"),
-            DEFAULT_CONNECT_TIMEOUT,
-        )?;
-        let choice_count = loc.int(&c.choice_count, &key("choice_count"), 2.., 2)? as usize;
-        let panic_threshold = loc.int(&c.panic_threshold, &key("panic_threshold"), 0..=100, 0)?;
-        let max_streams_per_connection = loc.int(
-            &c.max_streams_per_connection,
-            &key("max_streams_per_connection"),
-            1..,
-            DEFAULT_MAX_STREAMS_PER_CONNECTION,
-        )?;
-        let max_requests = match &c.max_requests {
-            Some(_) => Some(loc.int(&c.max_requests, &key("max_requests"), 1.., 0)?),
-            None => None,
-        };
-        clusters.push(ClusterConfig {
-            max_requests,
-            name,
-            balancer: c.balancer.0,
-            endpoints,
-            choice_count,
-            health_check,
-            outlier_detection,
-            panic_threshold,
-            connect_timeout,
-            max_streams_per_connection,
-        });
+        clusters.push(cluster);
     }
 
     if raw.listeners.is_empty() {
@@ -702,155 +619,28 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
         addrs.insert(a.listen);
     }
     for (i, l) in raw.listeners.iter().enumerate() {
-        let key = |k: &str| format!("listeners[{i}].{k}");
-        let name = l.name.get_ref().clone();
-        if name.is_empty() {
-            return Err(loc.at(&l.name, &key("name"), "listener name must not be empty"));
-        }
-        if !listener_names.insert(name.clone()) {
+        let listener = validate_listener(loc, i, l, base, &cluster_names, &mut addrs)?;
+        if !listener_names.insert(listener.name.clone()) {
             return Err(loc.at(
                 &l.name,
-                &key("name"),
-                format!("duplicate listener name \"{name}\""),
+                &format!("listeners[{i}].name"),
+                format!("duplicate listener name \"{}\"", listener.name),
             ));
         }
-        let listen = parse_socket_addr(loc, &l.listen, &key("listen"))?;
-        if listen.port() != 0 && !addrs.insert(listen) {
-            return Err(loc.at(
-                &l.listen,
-                &key("listen"),
-                format!("address {listen} is already used by another listener or the admin server"),
-            ));
-        }
-        let tls = match &l.tls {
-            None => None,
-            Some(t) => {
-                let (cert, cert_chain) = read_pem_certs(loc, &t.cert, &key("tls.cert"), base)?;
-                let key_path = base.join(t.key.get_ref());
-                let data = std::fs::read(&key_path).map_err(|e| {
-                    loc.at(
-                        &t.key,
-                        &key("tls.key"),
-                        format!("cannot read {}: {e}", key_path.display()),
-                    )
-                })?;
-                let private_key = rustls_pemfile::private_key(&mut data.as_slice())
-                    .map_err(|e| {
-                        loc.at(
-                            &t.key,
-                            &key("tls.key"),
-                            format!("invalid PEM in {}: {e}", key_path.display()),
-                        )
-                    })?
-                    .ok_or_else(|| {
-                        loc.at(
-                            &t.key,
-                            &key("tls.key"),
-                            format!("no private key found in {}", key_path.display()),
-                        )
-                    })?;
-                let (client_ca, client_ca_certs) = match &t.client_ca {
-                    Some(ca) => {
-                        let (p, certs) = read_pem_certs(loc, ca, &key("tls.client_ca"), base)?;
-                        (Some(p), certs)
-                    }
-                    None => (None, Vec::new()),
-                };
-                let cfg = TlsConfig {
-                    cert,
-                    key: key_path,
-                    client_ca,
-                    cert_chain,
-                    private_key: std::sync::Arc::new(private_key),
-                    client_ca_certs,
-                };
-                // Build the rustls config now so a key that does not match the certificate fails at load time.
-                crate::tls::server_tls_config(&cfg).map_err(|e| {
-                    loc.at(
-                        &t.cert,
-                        &key("tls"),
-                        format!("unusable certificate/key: {e}"),
-                    )
-                })?;
-                Some(cfg)
-            }
-        };
-        let mut routes = Vec::with_capacity(l.routes.len());
-        for (j, r) in l.routes.iter().enumerate() {
-            let rk = |k: &str| key(&format!("routes[{j}].{k}"));
-            let cluster = r.cluster.get_ref().clone();
-            if !cluster_names.contains(&cluster) {
-                return Err(loc.at(
-                    &r.cluster,
-                    &rk("cluster"),
-                    format!("route refers to unknown cluster \"{cluster}\""),
-                ));
-            }
-            if let Some(s) = &r.service {
-                if s.get_ref().is_empty() || s.get_ref().contains('/') {
-                    return Err(loc.at(
-                        s,
-                        &rk("service"),
-                        format!(
-                            "invalid service name \"{}\": expected e.g. \"package.Service\"",
-                            s.get_ref()
-                        ),
-                    ));
-                }
-            }
-            if let Some(m) = &r.method {
-                if r.service.is_none() {
-                    return Err(loc.at(m, &rk("method"), "method needs service to be set as well"));
-                }
-                if m.get_ref().is_empty() || m.get_ref().contains('/') {
-                    return Err(loc.at(
-                        m,
-                        &rk("method"),
-                        format!("invalid method name \"{}\"", m.get_ref()),
-                    ));
-                }
-            }
-            let timeout = match &r.timeout {
-                Some(_) => Some(loc.duration(&r.timeout, &rk("timeout"), Duration::ZERO)?),
-                None => None,
-            };
-            routes.push(RouteConfig {
-                service: r.service.as_ref().map(|s| s.get_ref().clone()),
-                method: r.method.as_ref().map(|s| s.get_ref().clone()),
-                cluster,
-                timeout,
-            });
-        }
-        let max_concurrent_streams = loc.int(
-            &l.max_concurrent_streams,
-            &key("max_concurrent_streams"),
-            1..,
-            DEFAULT_MAX_CONCURRENT_STREAMS,
-        )?;
-        let max_header_list_size = loc.int(
-            &l.max_header_list_size,
-            &key("max_header_list_size"),
-            1024..=16 * 1024 * 1024,
-            DEFAULT_MAX_HEADER_LIST_SIZE,
-        )?;
-        let idle_timeout =
-            loc.duration(&l.idle_timeout, &key("idle_timeout"), DEFAULT_IDLE_TIMEOUT)?;
-        let handshake_timeout = loc.duration(
-            &l.handshake_timeout,
-            &key("handshake_timeout"),
-            DEFAULT_HANDSHAKE_TIMEOUT,
-        )?;
-        listeners.push(ListenerConfig {
-            max_header_list_size,
-            idle_timeout,
-            handshake_timeout,
-            name,
-            listen,
-            tls,
-            routes,
-            max_concurrent_streams,
-        });
+        listeners.push(listener);
     }
+
+    let dns = match &raw.dns {
+        None => DnsConfig::default(),
+        Some(d) => DnsConfig {
+            nameservers: d
+                .nameservers
+                .iter()
+                .enumerate()
+                .map(|(i, n)| parse_socket_addr(loc, n, &format!("dns.nameservers[{i}]")))
+                .collect::<Result<_, _>>()?,
+        },
+    };
 
     Ok(Config {
         origin: loc.file.to_string(),
@@ -860,7 +650,382 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
         drain_timeout: loc.duration(&raw.drain_timeout, "drain_timeout", DEFAULT_DRAIN_TIMEOUT)?,
         workers: loc.int(&raw.workers, "workers", 0..=1024, 0)?,
         busy_poll: raw.busy_poll.unwrap_or(false),
+        dns,
     })
+}
+
+/// Checks one `[[clusters]]` table (all but the uniqueness of its name).
+fn validate_cluster(loc: &Locator, i: usize, c: &RawCluster) -> Result<ClusterConfig, ConfigError> {
+    let key = |k: &str| format!("clusters[{i}].{k}");
+    let name = c.name.get_ref().clone();
+    if name.is_empty() {
+        return Err(loc.at(&c.name, &key("name"), "cluster name must not be empty"));
+    }
+    let (endpoints, source) = match (&c.endpoints, &c.dns) {
+        (Some(_), Some(d)) => {
+            return Err(loc.at(
+                d,
+                &key("dns"),
+                format!("cluster \"{name}\" has both dns and endpoints; use one of them"),
+            ))
+        }
+        (None, None) => {
+            return Err(loc.at(
+                &c.name,
+                &key("dns"),
+                format!("cluster \"{name}\" needs endpoints = [...] or dns = \"name:port\""),
+            ))
+        }
+        (Some(list), None) => (
+            validate_endpoints(loc, &key, &name, list)?,
+            EndpointSource::Static,
+        ),
+        (None, Some(d)) => (Vec::new(), validate_dns_source(loc, &key, c, d)?),
+    };
+    if let (Some(refresh), None) = (&c.dns_refresh, &c.dns) {
+        return Err(loc.at(
+            refresh,
+            &key("dns_refresh"),
+            "dns_refresh needs dns to be set as well",
+        ));
+    }
+    let health_check = match &c.health_check {
+        None => None,
+        Some(h) => Some(validate_health_check(loc, &key, h)?),
+    };
+    let outlier_detection = match &c.outlier_detection {
+        None => None,
+        Some(o) => Some(validate_outlier(loc, &key, o)?),
+    };
+    let connect_timeout = loc.duration(
+        &c.connect_timeout,
+        &key("connect_timeout"),
+        DEFAULT_CONNECT_TIMEOUT,
+    )?;
+    let choice_count = loc.int(&c.choice_count, &key("choice_count"), 2.., 2)? as usize;
+    let panic_threshold = loc.int(&c.panic_threshold, &key("panic_threshold"), 0..=100, 0)?;
+    let max_streams_per_connection = loc.int(
+        &c.max_streams_per_connection,
+        &key("max_streams_per_connection"),
+        1..,
+        DEFAULT_MAX_STREAMS_PER_CONNECTION,
+    )?;
+    let max_requests = match &c.max_requests {
+        Some(_) => Some(loc.int(&c.max_requests, &key("max_requests"), 1.., 0)?),
+        None => None,
+    };
+    let slow_start = match &c.slow_start {
+        Some(_) => Some(loc.duration(&c.slow_start, &key("slow_start"), Duration::ZERO)?),
+        None => None,
+    };
+    Ok(ClusterConfig {
+        source,
+        slow_start,
+        max_requests,
+        name,
+        balancer: c.balancer.0,
+        endpoints,
+        choice_count,
+        health_check,
+        outlier_detection,
+        panic_threshold,
+        connect_timeout,
+        max_streams_per_connection,
+    })
+}
+
+/// Checks a static `endpoints` list: addresses, weights, no duplicates.
+fn validate_endpoints(
+    loc: &Locator,
+    key: &dyn Fn(&str) -> String,
+    name: &str,
+    list: &Spanned<Vec<Spanned<RawEndpoint>>>,
+) -> Result<Vec<EndpointConfig>, ConfigError> {
+    if list.get_ref().is_empty() {
+        return Err(loc.at(
+            list,
+            &key("endpoints"),
+            format!("cluster \"{name}\" has no endpoints"),
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut endpoints = Vec::new();
+    for (j, e) in list.get_ref().iter().enumerate() {
+        let k = key(&format!("endpoints[{j}]"));
+        let (address, weight) = match e.get_ref() {
+            RawEndpoint::Address(a) => (a.clone(), 1),
+            RawEndpoint::Weighted(w) => (w.address.clone(), w.weight),
+        };
+        check_endpoint(loc, &Spanned::new(e.span(), address.clone()), &k)?;
+        if !(1..=1000).contains(&weight) {
+            return Err(loc.at(
+                e,
+                &format!("{k}.weight"),
+                format!("weight must be between 1 and 1000, got {weight}"),
+            ));
+        }
+        if !seen.insert(address.clone()) {
+            return Err(loc.at(e, &k, format!("duplicate endpoint \"{address}\"")));
+        }
+        endpoints.push(EndpointConfig {
+            address,
+            weight: weight as u32,
+        });
+    }
+    Ok(endpoints)
+}
+
+/// Checks `dns = "name:port"` and `dns_refresh`.
+fn validate_dns_source(
+    loc: &Locator,
+    key: &dyn Fn(&str) -> String,
+    c: &RawCluster,
+    d: &Spanned<String>,
+) -> Result<EndpointSource, ConfigError> {
+    let value = d.get_ref();
+    let bad = |why: &str| loc.at(d, &key("dns"), format!("invalid dns \"{value}\": {why}"));
+    let (host, port) = value.rsplit_once(':').ok_or_else(|| {
+        bad("expected name:port, e.g. \"echo-headless.prod.svc.cluster.local:50051\"")
+    })?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| bad("the port must be a number from 1 to 65535"))?;
+    let valid_name = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').enumerate().all(|(i, label)| {
+            (!label.is_empty() || i > 0)
+                && label.len() <= 63
+                && label
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+        });
+    if !valid_name {
+        return Err(bad("not a DNS name"));
+    }
+    Ok(EndpointSource::Dns {
+        host: host.to_string(),
+        port,
+        refresh: loc.duration(&c.dns_refresh, &key("dns_refresh"), DEFAULT_DNS_REFRESH)?,
+    })
+}
+
+/// Checks `[clusters.health_check]`.
+fn validate_health_check(
+    loc: &Locator,
+    key: &dyn Fn(&str) -> String,
+    h: &RawHealthCheck,
+) -> Result<HealthCheckConfig, ConfigError> {
+    let hk = |k: &str| key(&format!("health_check.{k}"));
+    Ok(HealthCheckConfig {
+        interval: loc.duration(&h.interval, &hk("interval"), Duration::from_secs(5))?,
+        timeout: loc.duration(&h.timeout, &hk("timeout"), Duration::from_secs(1))?,
+        unhealthy_threshold: loc.int(&h.unhealthy_threshold, &hk("unhealthy_threshold"), 1.., 2)?,
+        healthy_threshold: loc.int(&h.healthy_threshold, &hk("healthy_threshold"), 1.., 1)?,
+        service: h.service.clone(),
+        mode: match h.mode.as_ref().map(|m| (m, m.get_ref().as_str())) {
+            None | Some((_, "poll")) => HealthCheckMode::Poll,
+            Some((_, "watch")) => HealthCheckMode::Watch,
+            Some((m, other)) => {
+                return Err(loc.at(
+                    m,
+                    &hk("mode"),
+                    format!("unknown mode \"{other}\"; expected poll or watch"),
+                ))
+            }
+        },
+        start_healthy: h.start_healthy,
+    })
+}
+
+/// Checks `[clusters.outlier_detection]`.
+fn validate_outlier(
+    loc: &Locator,
+    key: &dyn Fn(&str) -> String,
+    o: &RawOutlier,
+) -> Result<OutlierConfig, ConfigError> {
+    let ok = |k: &str| key(&format!("outlier_detection.{k}"));
+    Ok(OutlierConfig {
+        consecutive_failures: loc.int(
+            &o.consecutive_failures,
+            &ok("consecutive_failures"),
+            1..,
+            5,
+        )?,
+        base_ejection_time: loc.duration(
+            &o.base_ejection_time,
+            &ok("base_ejection_time"),
+            Duration::from_secs(30),
+        )?,
+        max_ejection_percent: loc.int(
+            &o.max_ejection_percent,
+            &ok("max_ejection_percent"),
+            0..=100,
+            10,
+        )?,
+    })
+}
+
+/// Checks one `[[listeners]]` table (all but the uniqueness of its name); `addrs` collects the
+/// addresses bound so far.
+fn validate_listener(
+    loc: &Locator,
+    i: usize,
+    l: &RawListener,
+    base: &Path,
+    cluster_names: &HashSet<String>,
+    addrs: &mut HashSet<SocketAddr>,
+) -> Result<ListenerConfig, ConfigError> {
+    let key = |k: &str| format!("listeners[{i}].{k}");
+    let name = l.name.get_ref().clone();
+    if name.is_empty() {
+        return Err(loc.at(&l.name, &key("name"), "listener name must not be empty"));
+    }
+    let listen = parse_socket_addr(loc, &l.listen, &key("listen"))?;
+    if listen.port() != 0 && !addrs.insert(listen) {
+        return Err(loc.at(
+            &l.listen,
+            &key("listen"),
+            format!("address {listen} is already used by another listener or the admin server"),
+        ));
+    }
+    let tls = match &l.tls {
+        None => None,
+        Some(t) => Some(validate_tls(loc, &key, t, base)?),
+    };
+    let mut routes = Vec::with_capacity(l.routes.len());
+    for (j, r) in l.routes.iter().enumerate() {
+        let rk = |k: &str| key(&format!("routes[{j}].{k}"));
+        let cluster = r.cluster.get_ref().clone();
+        if !cluster_names.contains(&cluster) {
+            return Err(loc.at(
+                &r.cluster,
+                &rk("cluster"),
+                format!("route refers to unknown cluster \"{cluster}\""),
+            ));
+        }
+        if let Some(s) = &r.service {
+            if s.get_ref().is_empty() || s.get_ref().contains('/') {
+                return Err(loc.at(
+                    s,
+                    &rk("service"),
+                    format!(
+                        "invalid service name \"{}\": expected e.g. \"package.Service\"",
+                        s.get_ref()
+                    ),
+                ));
+            }
+        }
+        if let Some(m) = &r.method {
+            if r.service.is_none() {
+                return Err(loc.at(m, &rk("method"), "method needs service to be set as well"));
+            }
+            if m.get_ref().is_empty() || m.get_ref().contains('/') {
+                return Err(loc.at(
+                    m,
+                    &rk("method"),
+                    format!("invalid method name \"{}\"", m.get_ref()),
+                ));
+            }
+        }
+        let timeout = match &r.timeout {
+            Some(_) => Some(loc.duration(&r.timeout, &rk("timeout"), Duration::ZERO)?),
+            None => None,
+        };
+        routes.push(RouteConfig {
+            service: r.service.as_ref().map(|s| s.get_ref().clone()),
+            method: r.method.as_ref().map(|s| s.get_ref().clone()),
+            cluster,
+            timeout,
+        });
+    }
+    let max_concurrent_streams = loc.int(
+        &l.max_concurrent_streams,
+        &key("max_concurrent_streams"),
+        1..,
+        DEFAULT_MAX_CONCURRENT_STREAMS,
+    )?;
+    let max_header_list_size = loc.int(
+        &l.max_header_list_size,
+        &key("max_header_list_size"),
+        1024..=16 * 1024 * 1024,
+        DEFAULT_MAX_HEADER_LIST_SIZE,
+    )?;
+    let idle_timeout = loc.duration(&l.idle_timeout, &key("idle_timeout"), DEFAULT_IDLE_TIMEOUT)?;
+    let handshake_timeout = loc.duration(
+        &l.handshake_timeout,
+        &key("handshake_timeout"),
+        DEFAULT_HANDSHAKE_TIMEOUT,
+    )?;
+    Ok(ListenerConfig {
+        max_header_list_size,
+        idle_timeout,
+        handshake_timeout,
+        name,
+        listen,
+        tls,
+        routes,
+        max_concurrent_streams,
+    })
+}
+
+/// Reads and checks a listener's `[listeners.tls]` files; the certificate and key must make a
+/// usable rustls config.
+fn validate_tls(
+    loc: &Locator,
+    key: &dyn Fn(&str) -> String,
+    t: &RawTls,
+    base: &Path,
+) -> Result<TlsConfig, ConfigError> {
+    let (cert, cert_chain) = read_pem_certs(loc, &t.cert, &key("tls.cert"), base)?;
+    let key_path = base.join(t.key.get_ref());
+    let data = std::fs::read(&key_path).map_err(|e| {
+        loc.at(
+            &t.key,
+            &key("tls.key"),
+            format!("cannot read {}: {e}", key_path.display()),
+        )
+    })?;
+    let private_key = rustls_pemfile::private_key(&mut data.as_slice())
+        .map_err(|e| {
+            loc.at(
+                &t.key,
+                &key("tls.key"),
+                format!("invalid PEM in {}: {e}", key_path.display()),
+            )
+        })?
+        .ok_or_else(|| {
+            loc.at(
+                &t.key,
+                &key("tls.key"),
+                format!("no private key found in {}", key_path.display()),
+            )
+        })?;
+    let (client_ca, client_ca_certs) = match &t.client_ca {
+        Some(ca) => {
+            let (p, certs) = read_pem_certs(loc, ca, &key("tls.client_ca"), base)?;
+            (Some(p), certs)
+        }
+        None => (None, Vec::new()),
+    };
+    let cfg = TlsConfig {
+        cert,
+        key: key_path,
+        client_ca,
+        cert_chain,
+        private_key: std::sync::Arc::new(private_key),
+        client_ca_certs,
+    };
+    // Build the rustls config now so a key that does not match the certificate fails at load time.
+    crate::tls::server_tls_config(&cfg).map_err(|e| {
+        loc.at(
+            &t.cert,
+            &key("tls"),
+            format!("unusable certificate/key: {e}"),
+        )
+    })?;
+    Ok(cfg)
 }
 
 #[cfg(test)]

@@ -320,7 +320,7 @@ async fn worker(
     // Start each worker at a different point of the unary/stream cycle so streams are spread out.
     let mut n = id;
     while Instant::now() < until {
-        let streaming = n % STREAM_EVERY == 0;
+        let streaming = n.is_multiple_of(STREAM_EVERY);
         n += 1;
         let started = Instant::now();
         let call = async {

@@ -1,20 +1,25 @@
-//! Wires a validated [`Config`] into running listeners, clusters and the admin server, and drains them
-//! on shutdown.
+//! The control plane: wires a validated [`Config`] into running listeners, clusters, health checks,
+//! DNS discovery and the admin server; applies every change of an endpoint set (a reload, a DNS
+//! answer, a slow-start step) through one path; drains on shutdown.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-
-use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use hickory_resolver::TokioResolver;
+use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
-use crate::balancer::Cluster;
-use crate::config::{Config, ListenerConfig};
+use crate::balancer::{Changes, Cluster};
+use crate::config::{
+    ClusterConfig, Config, DnsConfig, EndpointConfig, EndpointSource, ListenerConfig,
+};
+use crate::discovery::{self, DnsTask};
 use crate::health;
 use crate::listener::{Listener, ListenerReload};
 use crate::metrics::Metrics;
@@ -31,23 +36,79 @@ struct RunningListener {
 
 /// A running proxy: every listener accepting, the admin server answering.
 pub struct Gateway {
-    shared: Arc<Shared>,
-    listeners: Mutex<Vec<RunningListener>>,
+    control: Arc<Control>,
     admin_addr: Option<SocketAddr>,
     admin_config: Option<SocketAddr>,
     shutdown: CancellationToken,
-    /// Stops what must outlive the drain: the admin server and the health checkers.
+    /// Stops what must outlive the drain: the admin server, the health checkers, DNS discovery.
     admin_shutdown: CancellationToken,
-    /// Stops the current generation of health checkers (replaced on reload).
-    health_checks: Mutex<CancellationToken>,
     connections: TaskTracker,
     /// The data-plane threads; dropped (stopped) with the gateway, after the drain.
     workers: Arc<Workers>,
     workers_config: (u32, bool),
 }
 
+/// Everything that changes what the data plane sees goes through here, one change at a time (the
+/// `inner` lock): reloads, DNS answers and slow-start steps build new cluster snapshots the same way.
+struct Control {
+    shared: Arc<Shared>,
+    inner: Mutex<Inner>,
+    /// Parent of every health checker and DNS task.
+    stop: CancellationToken,
+}
+
+struct Inner {
+    listeners: Vec<RunningListener>,
+    /// Cluster names in config order (the order of `Shared::clusters`).
+    order: Vec<String>,
+    clusters: HashMap<String, ClusterState>,
+    dns: DnsConfig,
+    /// Built when the first DNS cluster needs it; rebuilt when `[dns]` changes.
+    resolver: Option<Arc<TokioResolver>>,
+}
+
+/// The control plane's side of one cluster.
+struct ClusterState {
+    config: ClusterConfig,
+    /// The current endpoint set: the config's, or the last DNS answer.
+    endpoints: Vec<EndpointConfig>,
+    /// The health checker of each endpoint, by address, and the settings they run with.
+    checkers: HashMap<String, CancellationToken>,
+    checker_config: Option<crate::config::HealthCheckConfig>,
+    /// The DNS task, for a DNS cluster.
+    discovery: Option<CancellationToken>,
+    /// Whether a slow-start step is already scheduled.
+    ramp_scheduled: bool,
+}
+
+impl Drop for ClusterState {
+    fn drop(&mut self) {
+        for c in self.checkers.values() {
+            c.cancel();
+        }
+        if let Some(d) = &self.discovery {
+            d.cancel();
+        }
+    }
+}
+
+impl ClusterState {
+    fn new(config: ClusterConfig) -> ClusterState {
+        ClusterState {
+            endpoints: config.endpoints.clone(),
+            config,
+            checkers: HashMap::new(),
+            checker_config: None,
+            discovery: None,
+            ramp_scheduled: false,
+        }
+    }
+}
+
 impl Gateway {
-    /// Binds every listener and the admin port and starts serving. Fails if an address cannot be bound.
+    /// Binds every listener and the admin port and starts serving. Fails if an address cannot be bound
+    /// or the DNS resolver cannot be set up. A DNS cluster's name is resolved once before the listeners
+    /// open, so the first calls find its endpoints.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         // Threads first: if they cannot start, nothing else has been started to leak.
         let workers = Arc::new(Workers::start(config.workers as usize, config.busy_poll)?);
@@ -57,19 +118,43 @@ impl Gateway {
             "data-plane workers started"
         );
         let metrics = Metrics::new();
-        let clusters: Vec<Arc<Cluster>> = config
-            .clusters
-            .iter()
-            .map(|c| Arc::new(Cluster::new(c, &metrics)))
-            .collect();
         let shared = Arc::new(Shared {
             metrics: metrics.clone(),
-            clusters: ArcSwap::from_pointee(clusters),
+            clusters: ArcSwap::from_pointee(Vec::new()),
             draining: AtomicBool::new(false),
         });
         let shutdown = CancellationToken::new();
         let admin_shutdown = CancellationToken::new();
         let connections = TaskTracker::new();
+        let control = Arc::new(Control {
+            shared: shared.clone(),
+            inner: Mutex::new(Inner {
+                listeners: Vec::new(),
+                order: Vec::new(),
+                clusters: HashMap::new(),
+                dns: config.dns.clone(),
+                resolver: None,
+            }),
+            stop: admin_shutdown.clone(),
+        });
+        let mut first_answers = HashMap::new();
+        if config
+            .clusters
+            .iter()
+            .any(|c| c.source != EndpointSource::Static)
+        {
+            let resolver = discovery::resolver(&config.dns).map_err(anyhow::Error::msg)?;
+            for c in &config.clusters {
+                if let EndpointSource::Dns { host, port, .. } = &c.source {
+                    let answer = discovery::resolve(&resolver, host, *port).await;
+                    first_answers.insert(c.name.clone(), answer);
+                }
+            }
+            control.inner.lock().resolver = Some(resolver);
+        }
+        // Clusters first (routers point at them), without health checks or DNS tasks yet: those
+        // start once every address is bound, so a failed start leaves none running.
+        control.install_clusters(&config.clusters, &first_answers);
 
         let mut bound = Vec::new();
         for l in &config.listeners {
@@ -80,27 +165,28 @@ impl Gateway {
             Some(a) => Some(admin::spawn(a.listen, shared.clone(), admin_shutdown.clone()).await?),
             None => None,
         };
-        // Health checks start once every address is bound, so a failed start leaves none running.
-        let health_checks = admin_shutdown.child_token();
-        spawn_health_checks(&shared, &config, &health_checks);
-        let mut listeners = Vec::new();
-        for (l, c) in bound.into_iter().zip(&config.listeners) {
-            tracing::info!(listener = %l.name, addr = %l.local_addr, tls = c.tls.is_some(), "listening");
-            listeners.push(RunningListener {
-                config: c.clone(),
-                addr: l.local_addr,
-                reload: l.reloader(),
-            });
-            workers.spawn(l.serve(workers.spawner(), shutdown.clone(), connections.clone()));
+        {
+            let mut inner = control.inner.lock();
+            for (l, c) in bound.into_iter().zip(&config.listeners) {
+                tracing::info!(listener = %l.name, addr = %l.local_addr, tls = c.tls.is_some(), "listening");
+                inner.listeners.push(RunningListener {
+                    config: c.clone(),
+                    addr: l.local_addr,
+                    reload: l.reloader(),
+                });
+                workers.spawn(l.serve(workers.spawner(), shutdown.clone(), connections.clone()));
+            }
+            let names = inner.order.clone();
+            for name in &names {
+                control.start_background(&mut inner, name);
+            }
         }
         Ok(Gateway {
-            shared,
-            listeners: Mutex::new(listeners),
+            control,
             admin_addr,
             admin_config: config.admin.as_ref().map(|a| a.listen),
             shutdown,
             admin_shutdown,
-            health_checks: Mutex::new(health_checks),
             connections,
             workers,
             workers_config: (config.workers, config.busy_poll),
@@ -108,12 +194,14 @@ impl Gateway {
     }
 
     /// Applies a new, already validated config without dropping a connection: routes, clusters,
-    /// balancers, health checks and TLS certificates change; calls in flight finish on the old ones.
-    /// Endpoints that stay keep their connections and health. Listener and admin addresses cannot
-    /// change this way (that needs a restart); such a config is refused and the running one stays.
+    /// balancers, health checks, DNS names and TLS certificates change; calls in flight finish on the
+    /// old ones. Endpoints that stay keep their connections, health verdict, ejection, counters and
+    /// health checker: a reload that changes one endpoint touches only that endpoint. Listener and
+    /// admin addresses cannot change this way (that needs a restart); such a config is refused and
+    /// the running one stays.
     pub fn reload(&self, config: Config) -> Result<(), String> {
         let result = self.try_reload(&config);
-        self.shared.metrics.config_reload(result.is_ok());
+        self.control.shared.metrics.config_reload(result.is_ok());
         match &result {
             Ok(()) => tracing::info!(file = %config.origin, "config reloaded"),
             Err(e) => {
@@ -124,8 +212,10 @@ impl Gateway {
     }
 
     fn try_reload(&self, config: &Config) -> Result<(), String> {
-        let mut listeners = self.listeners.lock();
-        let old: Vec<_> = listeners
+        let control = &self.control;
+        let mut inner = control.inner.lock();
+        let old: Vec<_> = inner
+            .listeners
             .iter()
             .map(|l| (l.config.name.as_str(), l.config.listen))
             .collect();
@@ -148,19 +238,6 @@ impl Gateway {
         if self.workers_config.1 != config.busy_poll {
             return Err("busy_poll changed; that needs a restart".into());
         }
-        let previous = self.shared.clusters();
-        let clusters: Vec<Arc<Cluster>> = config
-            .clusters
-            .iter()
-            .map(|c| {
-                let old = previous.iter().find(|p| p.name == c.name);
-                Arc::new(Cluster::reloaded(
-                    c,
-                    &self.shared.metrics,
-                    old.map(|o| &**o),
-                ))
-            })
-            .collect();
         // Check everything that can fail before changing anything, so a reload is all or nothing.
         let tls: Vec<_> = config
             .listeners
@@ -172,23 +249,60 @@ impl Gateway {
                 None => Ok(None),
             })
             .collect::<Result<_, _>>()?;
-        for old in previous.iter() {
-            let kept = config.clusters.iter().find(|c| c.name == old.name);
-            for e in &old.endpoints {
-                if !kept.is_some_and(|c| c.endpoints.iter().any(|n| n.address == e.address)) {
-                    self.shared.metrics.forget_endpoint(&old.name, &e.address);
+        let wants_dns = config
+            .clusters
+            .iter()
+            .any(|c| c.source != EndpointSource::Static);
+        let resolver_changed = inner.dns != config.dns;
+        if wants_dns && (resolver_changed || inner.resolver.is_none()) {
+            inner.resolver = Some(discovery::resolver(&config.dns)?);
+        }
+        inner.dns = config.dns.clone();
+
+        // The endpoint set of each cluster: a static cluster's from the new config; a DNS cluster
+        // whose name stays keeps its last answer (its task goes on), otherwise it starts empty
+        // until its new task's first answer.
+        let mut states = std::mem::take(&mut inner.clusters);
+        for c in &config.clusters {
+            let mut state = states
+                .remove(&c.name)
+                .unwrap_or_else(|| ClusterState::new(c.clone()));
+            let same_source = state.config.source == c.source;
+            match &c.source {
+                EndpointSource::Static => state.endpoints = c.endpoints.clone(),
+                EndpointSource::Dns { .. } if same_source && !resolver_changed => {}
+                EndpointSource::Dns { .. } => {
+                    if let Some(d) = state.discovery.take() {
+                        d.cancel();
+                    }
+                    if !same_source {
+                        state.endpoints = Vec::new();
+                    }
                 }
             }
+            if !same_source || resolver_changed {
+                if let Some(d) = state.discovery.take() {
+                    d.cancel();
+                }
+            }
+            state.config = c.clone();
+            inner.clusters.insert(c.name.clone(), state);
         }
-        self.shared.clusters.store(Arc::new(clusters));
-        for ((running, l), tls) in listeners.iter_mut().zip(&config.listeners).zip(tls) {
-            running.reload.apply(l, Router::new(l, &self.shared), tls);
+        // What is left of `states` are clusters the new config removed; dropping them stops their
+        // checkers and DNS tasks.
+        drop(states);
+        inner.order = config.clusters.iter().map(|c| c.name.clone()).collect();
+        let names = inner.order.clone();
+        control.rebuild(&mut inner, &names);
+        for ((running, l), tls) in inner.listeners.iter_mut().zip(&config.listeners).zip(tls) {
+            running
+                .reload
+                .apply(l, Router::new(l, &control.shared), tls);
             running.config = l.clone();
         }
-        let mut health = self.health_checks.lock();
-        health.cancel();
-        *health = self.admin_shutdown.child_token();
-        spawn_health_checks(&self.shared, config, &health);
+        for name in &names {
+            control.start_background(&mut inner, name);
+        }
         Ok(())
     }
 
@@ -199,8 +313,10 @@ impl Gateway {
 
     /// The bound address of a listener (useful with port 0).
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.listeners
+        self.control
+            .inner
             .lock()
+            .listeners
             .iter()
             .find(|l| l.config.name == name)
             .map(|l| l.addr)
@@ -213,19 +329,19 @@ impl Gateway {
 
     /// The gateway's metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.shared.metrics
+        &self.control.shared.metrics
     }
 
     /// The current clusters, in config order.
     pub fn clusters(&self) -> Arc<Vec<Arc<Cluster>>> {
-        self.shared.clusters()
+        self.control.shared.clusters()
     }
 
     /// Graceful shutdown: `/ready` turns 503, listeners stop accepting, every client connection gets
     /// GOAWAY, and in-flight calls may finish for up to `drain_timeout`. Returns whether everything
     /// finished in time.
     pub async fn shutdown(self, drain_timeout: Duration) -> bool {
-        self.shared.draining.store(true, Ordering::Relaxed);
+        self.control.shared.draining.store(true, Ordering::Relaxed);
         self.shutdown.cancel();
         self.connections.close();
         let drained = tokio::time::timeout(drain_timeout, self.connections.wait())
@@ -242,11 +358,211 @@ impl Gateway {
     }
 }
 
-/// Starts the active health checks of every cluster that has them, stopped by `token`.
-fn spawn_health_checks(shared: &Shared, config: &Config, token: &CancellationToken) {
-    for (cluster, c) in shared.clusters().iter().zip(&config.clusters) {
-        if let Some(hc) = &c.health_check {
-            health::spawn_active_checks(cluster, hc, &shared.metrics, token);
+impl Control {
+    /// Creates the control state of `configs` and their first snapshots (start-up). A DNS cluster's
+    /// endpoints are its first answer, when there is one.
+    fn install_clusters(
+        &self,
+        configs: &[ClusterConfig],
+        first_answers: &HashMap<String, discovery::Answer>,
+    ) {
+        let mut inner = self.inner.lock();
+        for c in configs {
+            let mut state = ClusterState::new(c.clone());
+            if let Some(discovery::Answer::Addresses(addrs)) = first_answers.get(&c.name) {
+                state.endpoints = discovery::endpoints_of(addrs);
+            }
+            inner.clusters.insert(c.name.clone(), state);
         }
+        inner.order = configs.iter().map(|c| c.name.clone()).collect();
+        let names = inner.order.clone();
+        self.rebuild(&mut inner, &names);
+    }
+
+    /// Builds new snapshots of the clusters named, from their current endpoint sets, carrying over
+    /// the endpoints that stay, and swaps them in with the unchanged others (in config order).
+    /// Endpoints that left are retired: no new calls, their gauges and health checkers go, their
+    /// calls in flight finish, and their pooled connections close once idle (when the last snapshot
+    /// or call holding them is gone). Routers must be re-pointed by the caller.
+    fn rebuild(self: &Control, inner: &mut Inner, names: &[String]) {
+        let metrics = &self.shared.metrics;
+        let previous = self.shared.clusters();
+        let mut next = Vec::with_capacity(inner.order.len());
+        for name in &inner.order {
+            let old = previous.iter().find(|c| &c.name == name);
+            if let (false, Some(o)) = (names.contains(name), old) {
+                next.push(o.clone());
+                continue;
+            }
+            let state = inner
+                .clusters
+                .get_mut(name)
+                .expect("every ordered cluster has a state");
+            let (cluster, changes) =
+                Cluster::build(&state.config, &state.endpoints, metrics, old.map(|c| &**c));
+            let cluster = Arc::new(cluster);
+            self.apply_changes(name, state, &cluster, changes);
+            next.push(cluster);
+        }
+        // Clusters the config no longer has: retire their endpoints and drop their gauges.
+        for o in previous.iter().filter(|o| !inner.order.contains(&o.name)) {
+            let (_, changes) = Cluster::build(&empty_like(o), &[], metrics, Some(o));
+            for e in changes.removed {
+                metrics.forget_endpoint(&o.name, &e.address);
+            }
+        }
+        self.shared.clusters.store(Arc::new(next));
+    }
+
+    /// Health checkers and gauges after a snapshot change: checkers stop for endpoints that left
+    /// and start for those that joined (all restart if the settings changed); gauges of endpoints
+    /// that left go.
+    fn apply_changes(
+        &self,
+        name: &str,
+        state: &mut ClusterState,
+        cluster: &Cluster,
+        changes: Changes,
+    ) {
+        let metrics = &self.shared.metrics;
+        for e in &changes.removed {
+            if !cluster.endpoints.iter().any(|n| n.address == e.address) {
+                metrics.forget_endpoint(name, &e.address);
+            }
+            if let Some(c) = state.checkers.remove(&e.address) {
+                c.cancel();
+            }
+        }
+        if state.checker_config != state.config.health_check {
+            for c in state.checkers.values() {
+                c.cancel();
+            }
+            state.checkers.clear();
+            state.checker_config = state.config.health_check.clone();
+        }
+        if let Some(hc) = &state.config.health_check {
+            for e in &cluster.endpoints {
+                if !state.checkers.contains_key(&e.address) && !self.stop.is_cancelled() {
+                    let token = self.stop.child_token();
+                    health::spawn_check(name, e, hc, metrics, token.clone());
+                    state.checkers.insert(e.address.clone(), token);
+                }
+            }
+        }
+        if changes.ramping {
+            state.ramp_scheduled = true;
+        }
+    }
+
+    /// Starts what runs beside a cluster once the proxy serves: its DNS task and its next
+    /// slow-start step.
+    fn start_background(self: &Arc<Self>, inner: &mut Inner, name: &str) {
+        let resolver = inner.resolver.clone();
+        let Some(state) = inner.clusters.get_mut(name) else {
+            return;
+        };
+        if let (
+            EndpointSource::Dns {
+                host,
+                port,
+                refresh,
+            },
+            None,
+            Some(resolver),
+        ) = (&state.config.source, &state.discovery, resolver)
+        {
+            let stop = self.stop.child_token();
+            let metrics = &self.shared.metrics;
+            let task = DnsTask {
+                cluster: name.to_string(),
+                host: host.clone(),
+                port: *port,
+                refresh: *refresh,
+                resolver,
+                counters: discovery::Counters {
+                    success: metrics.dns_resolutions(name, "success"),
+                    empty: metrics.dns_resolutions(name, "empty"),
+                    failure: metrics.dns_resolutions(name, "failure"),
+                },
+            };
+            let control = Arc::downgrade(self);
+            let cluster = name.to_string();
+            let known = state.endpoints.clone();
+            tokio::spawn(task.run(
+                known,
+                move |endpoints| set_endpoints(&control, &cluster, endpoints),
+                stop.clone(),
+            ));
+            state.discovery = Some(stop);
+        }
+        if state.ramp_scheduled {
+            self.schedule_ramp(name, state);
+        }
+    }
+
+    /// Builds the cluster's snapshot again after one slow-start step, with its endpoints' new weights.
+    fn schedule_ramp(self: &Arc<Self>, name: &str, state: &mut ClusterState) {
+        let Some(window) = state.config.slow_start else {
+            return;
+        };
+        state.ramp_scheduled = false;
+        let step = (window / 20).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let control = Arc::downgrade(self);
+        let name = name.to_string();
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(step) => {}
+                _ = stop.cancelled() => return,
+            }
+            if let Some(control) = control.upgrade() {
+                let mut inner = control.inner.lock();
+                if inner.clusters.contains_key(&name) {
+                    control.rebuild(&mut inner, std::slice::from_ref(&name));
+                    control.repoint_routers(&inner);
+                    control.start_background(&mut inner, &name);
+                }
+            }
+        });
+    }
+
+    /// Gives every listener a router over the current clusters (routes hold their cluster).
+    fn repoint_routers(&self, inner: &Inner) {
+        for l in &inner.listeners {
+            l.reload.set_router(Router::new(&l.config, &self.shared));
+        }
+    }
+}
+
+/// Applies a DNS answer: the cluster's endpoint set becomes `endpoints`.
+fn set_endpoints(control: &Weak<Control>, name: &str, endpoints: Vec<EndpointConfig>) {
+    let Some(control) = control.upgrade() else {
+        return;
+    };
+    let mut inner = control.inner.lock();
+    let Some(state) = inner.clusters.get_mut(name) else {
+        return;
+    };
+    state.endpoints = endpoints;
+    control.rebuild(&mut inner, &[name.to_string()]);
+    control.repoint_routers(&inner);
+    control.start_background(&mut inner, name);
+}
+
+/// A config for retiring a removed cluster's endpoints (`Cluster::build` with no endpoints).
+fn empty_like(cluster: &Cluster) -> ClusterConfig {
+    ClusterConfig {
+        name: cluster.name.clone(),
+        balancer: cluster.balancer_kind,
+        endpoints: Vec::new(),
+        source: EndpointSource::Static,
+        slow_start: None,
+        choice_count: 2,
+        health_check: None,
+        outlier_detection: None,
+        panic_threshold: 0,
+        connect_timeout: Duration::from_secs(1),
+        max_streams_per_connection: 1,
+        max_requests: None,
     }
 }

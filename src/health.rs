@@ -10,7 +10,7 @@ use std::time::Duration;
 use prometheus::IntCounter;
 use tokio_util::sync::CancellationToken;
 
-use crate::balancer::{Cluster, Endpoint};
+use crate::balancer::Endpoint;
 use crate::config::{HealthCheckConfig, HealthCheckMode};
 use crate::grpc::{self};
 use crate::metrics::Metrics;
@@ -109,31 +109,30 @@ impl Tracker {
     }
 }
 
-/// Starts one checking task per endpoint of `cluster`; they stop when `shutdown` fires.
-pub fn spawn_active_checks(
-    cluster: &Arc<Cluster>,
+/// Starts the checking task of one endpoint; it stops when `stop` fires (the endpoint left its
+/// cluster, the cluster's health-check settings changed, or the proxy shuts down).
+pub fn spawn_check(
+    cluster: &str,
+    endpoint: &Arc<Endpoint>,
     config: &HealthCheckConfig,
     metrics: &Metrics,
-    shutdown: &CancellationToken,
+    stop: CancellationToken,
 ) {
-    for endpoint in &cluster.endpoints {
-        let tracker = Tracker {
-            cluster: cluster.name.clone(),
-            endpoint: endpoint.clone(),
-            thresholds: Thresholds::new(config),
-            success: metrics.health_checks(&cluster.name, &endpoint.address, "success"),
-            failure: metrics.health_checks(&cluster.name, &endpoint.address, "failure"),
-            seen_first: false,
-        };
-        let config = config.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = check_loop(tracker, config) => {}
-                _ = shutdown.cancelled() => {}
-            }
-        });
-    }
+    let tracker = Tracker {
+        cluster: cluster.to_string(),
+        endpoint: endpoint.clone(),
+        thresholds: Thresholds::new(config),
+        success: metrics.health_checks(cluster, &endpoint.address, "success"),
+        failure: metrics.health_checks(cluster, &endpoint.address, "failure"),
+        seen_first: false,
+    };
+    let config = config.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = check_loop(tracker, config) => {}
+            _ = stop.cancelled() => {}
+        }
+    });
 }
 
 /// A health client on its own lazily connected channel to `address`.

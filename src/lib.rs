@@ -10,6 +10,7 @@ pub mod admin;
 pub mod balancer;
 pub mod config;
 pub mod demo;
+pub mod discovery;
 pub mod echo;
 pub mod gateway;
 pub mod grpc;

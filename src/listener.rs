@@ -98,6 +98,11 @@ impl Limits {
 pub struct ListenerReload(Arc<ConnectionHandler>);
 
 impl ListenerReload {
+    /// Swaps in a router over changed clusters (an endpoint set changed); nothing else changes.
+    pub fn set_router(&self, router: Router) {
+        self.0.router.store(Arc::new(router));
+    }
+
     /// Swaps in the new router, limits and TLS config (built with [`server_tls_config`]).
     /// `max_concurrent_streams` keeps its value from start-up.
     pub fn apply(

@@ -30,6 +30,7 @@ pub struct Metrics {
     refused: IntCounterVec,
     reloads: IntCounterVec,
     overflows: IntCounterVec,
+    dns: IntCounterVec,
     downstream_connections: IntGaugeVec,
 }
 
@@ -118,7 +119,16 @@ impl Metrics {
             &["cluster"],
         )
         .expect("valid metric");
+        let dns = IntCounterVec::new(
+            Opts::new(
+                "grpcgate_dns_resolutions_total",
+                "DNS resolutions of a DNS cluster's name, by result: success (addresses), empty (NXDOMAIN or no records: no endpoints), failure (the last endpoints kept).",
+            ),
+            &["cluster", "result"],
+        )
+        .expect("valid metric");
         for c in [
+            &dns,
             &requests,
             &health_checks,
             &ejections,
@@ -149,6 +159,7 @@ impl Metrics {
             refused,
             reloads,
             overflows,
+            dns,
             downstream_connections,
         })
     }
@@ -223,6 +234,11 @@ impl Metrics {
     /// The counter of calls a cluster refused over its `max_requests`.
     pub fn overflows(&self, cluster: &str) -> IntCounter {
         self.overflows.with_label_values(&[cluster])
+    }
+
+    /// The resolution counter of a DNS cluster for one result (`success`, `empty`, `failure`).
+    pub fn dns_resolutions(&self, cluster: &str, result: &str) -> IntCounter {
+        self.dns.with_label_values(&[cluster, result])
     }
 
     /// Counts a config reload attempt.

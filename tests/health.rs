@@ -1308,7 +1308,7 @@ async fn refused_poll_check_is_asked_again_not_counted() {
                     return;
                 };
                 while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                    if seen.fetch_add(1, SeqCst) % 2 == 0 {
+                    if seen.fetch_add(1, SeqCst).is_multiple_of(2) {
                         respond.send_reset(h2::Reason::REFUSED_STREAM);
                         continue;
                     }

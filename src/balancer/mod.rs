@@ -1,8 +1,11 @@
 //! Which endpoint of a cluster gets the next call.
 //!
-//! A [`Cluster`] is an immutable snapshot: its endpoints and balancer are built once from the config.
-//! Per-endpoint state that changes per request (in-flight count, health, ejection) lives in atomics on
-//! the [`Endpoint`], so a pick reads a slice and a few atomics and takes no lock.
+//! A [`Cluster`] is an immutable snapshot: its endpoint list and balancer are built once per change of
+//! the endpoint set (a reload, a DNS answer, a slow-start step) and swapped in whole. An [`Endpoint`] is
+//! identified by its address and outlives snapshots: one that stays in the set is the same object in the
+//! next snapshot, with its connections, health verdict, ejection, counters and in-flight calls. State that
+//! changes per request lives in atomics on it, so a pick reads a slice and a few atomics and takes no
+//! lock.
 
 mod least_request;
 mod outlier;
@@ -13,6 +16,10 @@ pub use outlier::OutlierDetector;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
 
 use prometheus::{Histogram, IntCounter, IntGauge};
 
@@ -48,9 +55,9 @@ impl Eligible {
     }
 }
 
-/// Builds the balancer a cluster's config names, for these endpoints (their weights).
-pub fn build(config: &ClusterConfig) -> Box<dyn Balance> {
-    let weights: Vec<u32> = config.endpoints.iter().map(|e| e.weight).collect();
+/// Builds the balancer a cluster's config names, for these endpoints (their current weights).
+pub fn build(config: &ClusterConfig, endpoints: &[Arc<Endpoint>]) -> Box<dyn Balance> {
+    let weights: Vec<u32> = endpoints.iter().map(|e| e.weight()).collect();
     match config.balancer {
         BalancerKind::RoundRobin => Box::new(RoundRobin::new(&weights)),
         BalancerKind::JoinShortestQueue => Box::new(JoinShortestQueue),
@@ -62,34 +69,46 @@ pub fn build(config: &ClusterConfig) -> Box<dyn Balance> {
 /// b.weight`, cross-multiplied so it stays in integers.
 #[inline]
 fn less_loaded(a: &Endpoint, b: &Endpoint) -> std::cmp::Ordering {
-    let la = a.in_flight() as u64 * u64::from(b.weight);
-    let lb = b.in_flight() as u64 * u64::from(a.weight);
+    let la = a.in_flight() as u64 * u64::from(b.weight());
+    let lb = b.in_flight() as u64 * u64::from(a.weight());
     la.cmp(&lb)
 }
 
+/// A weight of 1 in the config is this many units inside: slow start ramps from 10 % of it.
+const WEIGHT_UNIT: u32 = 100;
+
 /// One upstream address of a cluster: its connection pool and the load/health state balancers read.
 pub struct Endpoint {
-    /// `host:port` as written in the config (also the metric label).
+    /// `host:port` as written in the config, or `ip:port` from DNS (also the metric label).
     pub address: String,
-    /// Relative share of calls.
-    pub weight: u32,
-    /// The h2c connections to this endpoint (kept across reloads while the address stays).
+    /// The weight balancers use, in hundredths of the configured weight: the configured weight, or a
+    /// share of it while the endpoint is in slow start. Set when a snapshot is built.
+    weight: AtomicU32,
+    /// When slow start began for this endpoint (it joined a running cluster), if it applies.
+    ramp_start: Option<Instant>,
+    /// The h2c connections to this endpoint (kept while the endpoint stays in its cluster).
     pub pool: Arc<Pool>,
     in_flight: AtomicUsize,
     /// The active health checker's verdict.
     healthy: AtomicBool,
     /// Set by passive outlier detection for the length of an ejection.
     ejected: AtomicBool,
+    /// Set when the endpoint left its cluster: its state no longer counts towards the cluster's.
+    retired: AtomicBool,
+    /// Serialises health, ejection and retirement changes so the available count stays exact.
+    transitions: Mutex<()>,
     /// Calls in a row that ended in an upstream failure (for outlier detection).
     pub(crate) consecutive_failures: AtomicU32,
     /// How many times the endpoint has been ejected (each ejection lasts longer).
     pub(crate) times_ejected: AtomicU32,
-    /// Available endpoints of the cluster, shared by all of them.
+    /// Available endpoints of the cluster, shared by all of them (and by every snapshot).
     cluster_available: Arc<AtomicUsize>,
     in_flight_gauge: IntGauge,
     healthy_gauge: IntGauge,
     /// `grpcgate_upstream_refused_total` of this endpoint.
     pub refused: IntCounter,
+    /// `grpcgate_outlier_ejections_total` of this endpoint.
+    pub(crate) ejections: IntCounter,
 }
 
 impl Endpoint {
@@ -99,7 +118,7 @@ impl Endpoint {
         metrics: &Metrics,
         cluster_available: Arc<AtomicUsize>,
         healthy: bool,
-        pool: Option<Arc<Pool>>,
+        ramp_start: Option<Instant>,
     ) -> Endpoint {
         let healthy_gauge = metrics.healthy(&cluster.name, &config.address);
         healthy_gauge.set(i64::from(healthy));
@@ -108,23 +127,58 @@ impl Endpoint {
         }
         Endpoint {
             address: config.address.clone(),
-            weight: config.weight,
-            pool: pool.unwrap_or_else(|| {
-                Arc::new(Pool::new(
-                    &config.address,
-                    cluster.connect_timeout,
-                    cluster.max_streams_per_connection,
-                ))
-            }),
+            weight: AtomicU32::new(config.weight * WEIGHT_UNIT),
+            ramp_start,
+            pool: Arc::new(Pool::new(
+                &config.address,
+                cluster.connect_timeout,
+                cluster.max_streams_per_connection,
+            )),
             in_flight: AtomicUsize::new(0),
             healthy: AtomicBool::new(healthy),
             ejected: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
+            transitions: Mutex::new(()),
             consecutive_failures: AtomicU32::new(0),
             times_ejected: AtomicU32::new(0),
             cluster_available,
             in_flight_gauge: metrics.in_flight(&cluster.name, &config.address),
             healthy_gauge,
             refused: metrics.refused(&cluster.name, &config.address),
+            ejections: metrics.ejections(&cluster.name, &config.address),
+        }
+    }
+
+    /// The weight balancers use now (hundredths of the configured weight; see `weight`).
+    #[inline]
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Sets the weight for the next snapshot: `configured` (1..=1000) scaled by slow start at `now`.
+    /// Returns whether the endpoint is still ramping up.
+    fn set_weight(&self, configured: u32, slow_start: Option<Duration>, now: Instant) -> bool {
+        let full = configured * WEIGHT_UNIT;
+        let (weight, ramping) = match (self.ramp_start, slow_start) {
+            (Some(start), Some(window)) if now < start + window => {
+                // Linear from 10 % to 100 % over the window (Envoy's slow start, aggression 1).
+                let progress = (now - start).as_secs_f64() / window.as_secs_f64();
+                let share = 0.1 + 0.9 * progress;
+                (((f64::from(full) * share) as u32).max(1), true)
+            }
+            _ => (full, false),
+        };
+        self.weight.store(weight, Ordering::Relaxed);
+        ramping
+    }
+
+    /// Takes the endpoint out of its cluster's accounting: it gets no more calls (it is in no new
+    /// snapshot), its gauges are dropped by the caller, and later health or ejection changes (a
+    /// checker or ejection timer finishing) no longer touch the cluster's available count.
+    fn retire(&self) {
+        let _t = self.transitions.lock();
+        if !self.retired.swap(true, Ordering::Relaxed) && self.is_available() {
+            self.cluster_available.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -162,10 +216,11 @@ impl Endpoint {
 
     /// Applies a state change and keeps the cluster's available count and the gauge in step.
     fn update(&self, change: impl FnOnce() -> bool) -> bool {
+        let _t = self.transitions.lock();
         let before = self.is_available();
         let changed = change();
         let after = self.is_available();
-        if before != after {
+        if before != after && !self.retired.load(Ordering::Relaxed) {
             if after {
                 self.cluster_available.fetch_add(1, Ordering::Relaxed);
             } else {
@@ -198,6 +253,10 @@ impl Drop for InFlight {
 pub struct Cluster {
     pub name: String,
     pub endpoints: Vec<Arc<Endpoint>>,
+    /// The balancer's name in the config (for `/clusters`).
+    pub balancer_kind: BalancerKind,
+    /// Whether the endpoints come from DNS (for `/clusters`).
+    pub from_dns: bool,
     balancer: Box<dyn Balance>,
     available: Arc<AtomicUsize>,
     panic_threshold: u32,
@@ -230,66 +289,108 @@ impl Drop for Admitted {
     }
 }
 
+/// What building a cluster snapshot changed: the endpoints that joined (they need health checkers)
+/// and those that left (their checkers stop, their gauges go).
+pub struct Changes {
+    pub added: Vec<Arc<Endpoint>>,
+    pub removed: Vec<Arc<Endpoint>>,
+    /// Whether an endpoint is still in slow start: the snapshot should be built again soon, with
+    /// the weights of the next step.
+    pub ramping: bool,
+}
+
 impl Cluster {
-    /// Builds a cluster from its config, registering its metrics. With active health checks,
-    /// endpoints start unhealthy unless the config says otherwise.
+    /// Builds a cluster from its config and static endpoints, registering its metrics. With active
+    /// health checks, endpoints start unhealthy unless the config says otherwise.
     pub fn new(config: &ClusterConfig, metrics: &Metrics) -> Cluster {
-        Self::reloaded(config, metrics, None)
+        Self::build(config, &config.endpoints, metrics, None).0
     }
 
-    /// Builds a cluster that replaces `previous` (a reload): endpoints whose address stays keep their
-    /// connections and their health verdict, so a reload neither reconnects nor blips availability.
-    pub fn reloaded(
+    /// Builds the snapshot of a cluster with these endpoints, replacing `previous` (if any), in the
+    /// manner of pingora's `Backends::do_update`: an endpoint whose address stays is carried over
+    /// as the same object (connections, health, ejection, counters, in-flight calls); new addresses
+    /// get new endpoints (unhealthy until checked, unless `start_healthy`), ramped up by slow start
+    /// when they join a cluster that had endpoints; endpoints that left are retired. A change of the
+    /// connect settings builds every endpoint anew, since their pools depend on them.
+    pub fn build(
         config: &ClusterConfig,
+        endpoints: &[EndpointConfig],
         metrics: &Metrics,
         previous: Option<&Cluster>,
-    ) -> Cluster {
-        let available = Arc::new(AtomicUsize::new(0));
+    ) -> (Cluster, Changes) {
+        let now = Instant::now();
+        let pool_settings = (config.connect_timeout, config.max_streams_per_connection);
+        let reusable = previous.filter(|p| p.pool_settings == pool_settings);
+        let available = previous.map(|p| p.available.clone()).unwrap_or_default();
         let start_healthy = config.health_check.as_ref().is_none_or(|h| h.start_healthy);
-        let endpoints = config
-            .endpoints
+        // Slow start applies to endpoints joining a cluster that kept some: at start-up, or when
+        // every endpoint is new, there is nobody to shield them from.
+        let keeps_some = reusable.is_some_and(|p| {
+            p.endpoints
+                .iter()
+                .any(|o| endpoints.iter().any(|e| e.address == o.address))
+        });
+        let mut changes = Changes {
+            added: Vec::new(),
+            removed: Vec::new(),
+            ramping: false,
+        };
+        let list: Vec<Arc<Endpoint>> = endpoints
             .iter()
             .map(|e| {
                 let old =
-                    previous.and_then(|p| p.endpoints.iter().find(|o| o.address == e.address));
-                // Without health checks now, every endpoint is healthy; otherwise keep what was known.
-                let healthy = match (old, &config.health_check) {
-                    (Some(o), Some(_)) => o.is_healthy(),
-                    _ => start_healthy,
+                    reusable.and_then(|p| p.endpoints.iter().find(|o| o.address == e.address));
+                let endpoint = match old {
+                    Some(o) => {
+                        if config.health_check.is_none() {
+                            // Without health checks every endpoint counts as healthy.
+                            o.set_healthy(true);
+                        }
+                        o.clone()
+                    }
+                    None => {
+                        let ramp = (keeps_some && config.slow_start.is_some()).then_some(now);
+                        let new = Arc::new(Endpoint::new(
+                            config,
+                            e,
+                            metrics,
+                            available.clone(),
+                            start_healthy,
+                            ramp,
+                        ));
+                        changes.added.push(new.clone());
+                        new
+                    }
                 };
-                let pool = old
-                    .filter(|_| {
-                        previous.is_some_and(|p| {
-                            p.pool_settings
-                                == (config.connect_timeout, config.max_streams_per_connection)
-                        })
-                    })
-                    .map(|o| o.pool.clone());
-                Arc::new(Endpoint::new(
-                    config,
-                    e,
-                    metrics,
-                    available.clone(),
-                    healthy,
-                    pool,
-                ))
+                changes.ramping |= endpoint.set_weight(e.weight, config.slow_start, now);
+                endpoint
             })
             .collect();
-        Cluster {
+        if let Some(p) = previous {
+            for o in &p.endpoints {
+                if !list.iter().any(|e| Arc::ptr_eq(e, o)) {
+                    o.retire();
+                    changes.removed.push(o.clone());
+                }
+            }
+        }
+        let cluster = Cluster {
             name: config.name.clone(),
-            endpoints,
-            balancer: build(config),
+            balancer_kind: config.balancer,
+            from_dns: config.source != crate::config::EndpointSource::Static,
+            balancer: build(config, &list),
+            endpoints: list,
             available,
             panic_threshold: config.panic_threshold,
             outlier: config.outlier_detection.as_ref().map(|o| {
-                let addresses: Vec<&str> = config
-                    .endpoints
-                    .iter()
-                    .map(|e| e.address.as_str())
-                    .collect();
-                OutlierDetector::new(o.clone(), &config.name, &addresses, metrics)
+                OutlierDetector::new(
+                    o.clone(),
+                    &config.name,
+                    endpoints.len(),
+                    previous.and_then(|p| p.outlier.as_ref()),
+                )
             }),
-            pool_settings: (config.connect_timeout, config.max_streams_per_connection),
+            pool_settings,
             duration: metrics.duration(&config.name),
             requests: config.max_requests.map(|max| RequestLimit {
                 max: max as usize,
@@ -299,7 +400,8 @@ impl Cluster {
                     .unwrap_or_default(),
                 overflows: metrics.overflows(&config.name),
             }),
-        }
+        };
+        (cluster, changes)
     }
 
     /// Admits one more call under `max_requests`, or None (counted) when the cluster is at it. A
@@ -350,7 +452,7 @@ impl Cluster {
     #[inline]
     pub fn report(&self, index: usize, failed: bool) {
         if let Some(o) = &self.outlier {
-            o.record(index, &self.endpoints[index], failed);
+            o.record(&self.endpoints[index], failed);
         }
     }
 

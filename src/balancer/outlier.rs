@@ -5,11 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus::IntCounter;
-
 use super::Endpoint;
 use crate::config::OutlierConfig;
-use crate::metrics::Metrics;
 
 /// The longest an ejection lasts, unless `base_ejection_time` is longer.
 const MAX_EJECTION: Duration = Duration::from_secs(300);
@@ -20,32 +17,30 @@ pub struct OutlierDetector {
     config: OutlierConfig,
     cluster: String,
     total: usize,
+    /// Ejected endpoints now; shared with the detector of the snapshot this one replaces, so an
+    /// ejection made before a change of the endpoint set still counts against the cap.
     ejected: Arc<AtomicUsize>,
-    ejections: Vec<IntCounter>,
 }
 
 impl OutlierDetector {
-    /// A detector for a cluster of `total` endpoints.
+    /// A detector for a cluster snapshot of `total` endpoints, carrying over `previous`'s count of
+    /// ejected endpoints.
     pub fn new(
         config: OutlierConfig,
         cluster: &str,
-        addresses: &[&str],
-        metrics: &Metrics,
+        total: usize,
+        previous: Option<&OutlierDetector>,
     ) -> OutlierDetector {
         OutlierDetector {
             config,
             cluster: cluster.to_string(),
-            total: addresses.len(),
-            ejected: Arc::new(AtomicUsize::new(0)),
-            ejections: addresses
-                .iter()
-                .map(|a| metrics.ejections(cluster, a))
-                .collect(),
+            total,
+            ejected: previous.map(|p| p.ejected.clone()).unwrap_or_default(),
         }
     }
 
     /// Records how a call to endpoint `index` ended: `failed` for UNAVAILABLE or a connect/reset failure.
-    pub fn record(&self, index: usize, endpoint: &Arc<Endpoint>, failed: bool) {
+    pub fn record(&self, endpoint: &Arc<Endpoint>, failed: bool) {
         if !failed {
             if endpoint.consecutive_failures.load(Ordering::Relaxed) != 0 {
                 endpoint.consecutive_failures.store(0, Ordering::Relaxed);
@@ -80,7 +75,7 @@ impl OutlierDetector {
             .base_ejection_time
             .saturating_mul(times)
             .min(MAX_EJECTION.max(self.config.base_ejection_time));
-        self.ejections[index].inc();
+        endpoint.ejections.inc();
         tracing::warn!(cluster = %self.cluster, endpoint = %endpoint.address, failures = n, ejection_ms = duration.as_millis() as u64, "endpoint ejected");
         let endpoint = endpoint.clone();
         let ejected = self.ejected.clone();
@@ -99,6 +94,7 @@ impl OutlierDetector {
 mod tests {
     use super::super::Cluster;
     use super::*;
+    use crate::metrics::Metrics;
 
     /// Ejection timing on tokio's paused clock: the first ejection lasts `base_ejection_time`, the
     /// second twice that, and an ejected endpoint comes back on its own.

@@ -23,12 +23,12 @@ impl Balance for JoinShortestQueue {
             match ord {
                 Ordering::Less => {
                     best = Some(i);
-                    tied_weight = u64::from(e.weight);
+                    tied_weight = u64::from(e.weight());
                 }
                 Ordering::Equal => {
                     // Weighted reservoir sampling over the tied endpoints.
-                    tied_weight += u64::from(e.weight);
-                    if fastrand::u64(..tied_weight) < u64::from(e.weight) {
+                    tied_weight += u64::from(e.weight());
+                    if fastrand::u64(..tied_weight) < u64::from(e.weight()) {
                         best = Some(i);
                     }
                 }
