@@ -331,6 +331,11 @@ impl EchoBackend {
                     let _ = health_tx.send(reporter);
                     let server = tonic::transport::Server::builder()
                         .max_concurrent_streams(max_streams)
+                        // h2's default (20 streams the client reset before the server accepted them)
+                        // ends the proxy's upstream connection when it forwards a burst of client
+                        // cancels, failing every call on it (tests/hostile_resets.rs). grpc-go
+                        // backends have no such limit; this backend stands in for them.
+                        .http2_max_pending_accept_reset_streams(Some(1000))
                         .add_service(health_service)
                         .add_service(
                             EchoServer::new(service)

@@ -379,6 +379,19 @@ impl ConnectionHandler {
             )
             .max_concurrent_streams(self.max_concurrent_streams)
             .max_concurrent_reset_streams(crate::upstream::RESET_STREAM_MEMORY)
+            // Rapid reset (CVE-2023-44487) and clients that cancel a lot: a connection on which more
+            // than half of the streams (counting at least 500) were reset by the client within 1 s and
+            // before the response started gets GOAWAY(ENHANCE_YOUR_CALM). A client cancelling every
+            // other call keeps its connection; one that only resets is cut off after 251 streams.
+            .premature_reset_limit(500, 0.5)
+            // h2's default of 20 streams reset before we accepted them killed cancel-heavy clients
+            // (a burst of RST_STREAM landing before the accept loop runs). The rule above catches
+            // attackers; this only bounds the memory of reset streams waiting to be accepted.
+            .max_pending_accept_reset_streams(
+                (self.max_concurrent_streams as usize)
+                    .saturating_mul(4)
+                    .max(1000),
+            )
             .handshake::<_, Bytes>(io)
             .await
             .map_err(|e| format!("HTTP/2 handshake failed: {e}"))
