@@ -157,3 +157,49 @@ async fn malformed_request_keeps_hpack_in_sync() {
     let o = outcome(&mut conn, 11, 0).await;
     assert_eq!(o.good_payload.as_deref(), Some(&b"continued"[..]));
 }
+
+/// A client that sends nothing but malformed requests is still stopped: every one costs a reset h2
+/// sends on its own, and after h2's `max_local_error_reset_streams` (1,024 per connection) the
+/// connection gets GOAWAY(ENHANCE_YOUR_CALM). None reaches the backend.
+#[tokio::test]
+async fn flood_of_malformed_requests_is_cut_off() {
+    const REQUESTS: u32 = 1_100;
+    let backend = EchoBackend::start("b0", Duration::ZERO).await.unwrap();
+    let gw = common::gateway_for(std::slice::from_ref(&backend)).await;
+    let mut conn = RawConn::connect(gw.listener_addr("edge").unwrap()).await;
+    let block = unary_block(&[literal(b"X-Upper", b"1")]);
+    let mut flood = Vec::new();
+    for n in 0..REQUESTS {
+        flood.extend(frame(HEADERS, END_HEADERS | END_STREAM, 2 * n + 1, &block));
+    }
+    conn.send(flood);
+    let mut resets = 0;
+    let ((code, debug), _) = conn
+        .until(|e| match e {
+            Event::Reset { code, .. } => {
+                assert_eq!(*code, PROTOCOL_ERROR);
+                resets += 1;
+                None
+            }
+            Event::GoAway { code, debug, .. } => Some((*code, debug.clone())),
+            _ => None,
+        })
+        .await;
+    println!(
+        "{REQUESTS} malformed requests: {resets} RST_STREAM, then GOAWAY({code:#x}, {debug:?})"
+    );
+    // h2 counts 1,024 resets; those still queued when the GOAWAY goes out are not written (when the
+    // whole flood is read in one go, none are).
+    assert!(resets <= 1_024, "{resets} resets");
+    assert_eq!(
+        (code, debug.as_str()),
+        (raw_h2::ENHANCE_YOUR_CALM, "too_many_internal_resets")
+    );
+    assert_eq!(
+        backend
+            .stats
+            .started
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}
