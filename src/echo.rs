@@ -331,6 +331,12 @@ impl EchoBackend {
                     let _ = health_tx.send(reporter);
                     let server = tonic::transport::Server::builder()
                         .max_concurrent_streams(max_streams)
+                        // h2's default (GOAWAY once 20 streams the client reset wait to be
+                        // accepted) ends the proxy's upstream connection when the proxy forwards a
+                        // burst of client cancels, failing every call on it: in half the runs of
+                        // tests/hostile_resets.rs's cancel-heavy client. Raised so that the tests
+                        // measure the proxy, not this backend's limit.
+                        .http2_max_pending_accept_reset_streams(Some(1000))
                         .add_service(health_service)
                         .add_service(
                             EchoServer::new(service)

@@ -419,8 +419,8 @@ impl ConnectionHandler {
         let handshake = h2::server::Builder::new()
             .initial_window_size(upstream::STREAM_WINDOW)
             // Capped: a client decides how many streams it fills, so an uncapped window would let one
-            // connection park a GiB of request bodies (1,024 streams × 1 MiB) in front of slow backends.
-            // Stalled uploads beyond 64 hold up only that client's own connection.
+            // connection park a stream window of request bodies per stream in front of slow backends.
+            // Stalled uploads beyond 16 hold up only that client's own connection.
             .initial_connection_window_size(
                 upstream::connection_window(self.max_concurrent_streams).min(MAX_CONNECTION_WINDOW),
             )
@@ -429,6 +429,19 @@ impl ConnectionHandler {
             // to 16 MB) and of a header block still arriving in CONTINUATION frames.
             .max_header_list_size(limits.max_header_list_size)
             .max_concurrent_reset_streams(crate::upstream::RESET_STREAM_MEMORY)
+            // Rapid reset (CVE-2023-44487) and clients that cancel a lot: a connection on which more
+            // than half of the streams (counting at least 500) were reset by the client within 1 s and
+            // before the response started gets GOAWAY(ENHANCE_YOUR_CALM). A client cancelling every
+            // other call keeps its connection; one that only resets is cut off after 251 streams.
+            .premature_reset_limit(500, 0.5)
+            // h2's default of 20 streams reset before we accepted them killed cancel-heavy clients
+            // (a burst of RST_STREAM landing before the accept loop runs). The rule above catches
+            // attackers; this only bounds the memory of reset streams waiting to be accepted.
+            .max_pending_accept_reset_streams(
+                (self.max_concurrent_streams as usize)
+                    .saturating_mul(4)
+                    .max(1000),
+            )
             .handshake::<_, Bytes>(io);
         tokio::time::timeout_at(handshake_by, handshake)
             .await

@@ -1397,6 +1397,8 @@ where
                 reset_stream_max: builder.reset_stream_max,
                 remote_reset_stream_max: builder.pending_accept_reset_stream_max,
                 local_error_reset_streams_max: builder.local_max_error_reset_streams,
+                // grpcgate patch: the rule is for servers.
+                premature_reset_limit: None,
                 settings: builder.settings,
                 data_frame_budget: builder.data_frame_budget,
             },

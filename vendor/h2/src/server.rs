@@ -263,6 +263,9 @@ pub struct Builder {
     ///
     /// When this gets exhausted, we issue a GOAWAY with `ENHANCE_YOUR_CALM`.
     data_frame_budget: proto::DataFrameBudget,
+
+    /// grpcgate patch: see `premature_reset_limit`.
+    premature_reset_limit: Option<proto::PrematureResetLimit>,
 }
 
 /// Send a response back to the client
@@ -663,6 +666,7 @@ impl Builder {
             max_send_buffer_size: proto::DEFAULT_MAX_SEND_BUFFER_SIZE,
             local_max_error_reset_streams: Some(proto::DEFAULT_LOCAL_RESET_COUNT_MAX),
             data_frame_budget: proto::DataFrameBudget::Auto,
+            premature_reset_limit: None,
         }
     }
 
@@ -970,6 +974,47 @@ impl Builder {
     /// ```
     pub fn max_pending_accept_reset_streams(&mut self, max: usize) -> &mut Self {
         self.pending_accept_reset_stream_max = max;
+        self
+    }
+
+    /// Ends a connection whose client resets most of the streams it opens right after opening them
+    /// (grpcgate patch).
+    ///
+    /// A stream the client resets (RST_STREAM) within one second of opening it, before the response
+    /// HEADERS were sent, was reset *prematurely*. Once more than `max_ratio` of the streams a
+    /// connection opened were reset prematurely, counting at least `min_streams` opened streams,
+    /// the connection gets a GOAWAY with `ENHANCE_YOUR_CALM` (debug data
+    /// `too_many_premature_resets`) and is closed:
+    ///
+    /// ```text
+    /// premature resets > max_ratio * max(streams opened, min_streams)
+    /// ```
+    ///
+    /// This is Envoy's rule against "rapid reset" (CVE-2023-44487), counted over the streams
+    /// opened rather than those closed. A client that starts many calls and cancels up to
+    /// `max_ratio` of them at once keeps its connection, however fast it goes; a client that opens
+    /// streams only to reset them is stopped after `max_ratio * min_streams` streams, however it
+    /// paces its frames. Unlike [`max_pending_accept_reset_streams`], it does not depend on how fast
+    /// the server accepts streams. Use both: raise the pending-accept limit well above the
+    /// concurrent-stream limit so it only bounds memory.
+    ///
+    /// Off by default. Reading the clock once per opened stream is its only cost.
+    ///
+    /// [`max_pending_accept_reset_streams`]: Builder::max_pending_accept_reset_streams
+    ///
+    /// # Panics
+    ///
+    /// If `max_ratio` is not in `0.0..=1.0`.
+    pub fn premature_reset_limit(&mut self, min_streams: usize, max_ratio: f64) -> &mut Self {
+        assert!(
+            (0.0..=1.0).contains(&max_ratio),
+            "max_ratio must be in 0.0..=1.0"
+        );
+        self.premature_reset_limit = Some(proto::PrematureResetLimit {
+            min_streams,
+            max_ratio,
+            min_lifetime: Duration::from_secs(1),
+        });
         self
     }
 
@@ -1533,6 +1578,7 @@ where
                             local_error_reset_streams_max: self
                                 .builder
                                 .local_max_error_reset_streams,
+                            premature_reset_limit: self.builder.premature_reset_limit,
                             settings: self.builder.settings.clone(),
                             data_frame_budget: self.builder.data_frame_budget,
                         },

@@ -301,6 +301,12 @@ fn decode_frame(decoder: &mut FrameDecoder, mut bytes: BytesMut) -> Result<Optio
             }
 
             if is_end_headers {
+                // grpcgate patch: the whole block is decoded; a malformed message is a stream error.
+                if frame.is_malformed() {
+                    let id = $head.stream_id();
+                    proto_err!(stream: "malformed header block; stream={:?}", id);
+                    return Err(Error::library_reset(id, Reason::PROTOCOL_ERROR));
+                }
                 frame.into()
             } else {
                 tracing::trace!("loaded partial header block");
@@ -484,6 +490,12 @@ fn decode_frame(decoder: &mut FrameDecoder, mut bytes: BytesMut) -> Result<Optio
             }
 
             if is_end_headers {
+                // grpcgate patch: as for a block in one frame.
+                if partial.frame.is_malformed() {
+                    let id = head.stream_id();
+                    proto_err!(stream: "malformed CONTINUATION frame; stream={:?}", id);
+                    return Err(Error::library_reset(id, Reason::PROTOCOL_ERROR));
+                }
                 partial.frame.into()
             } else {
                 decoder.partial = Some(partial);
@@ -553,6 +565,14 @@ impl Continuable {
         match *self {
             Continuable::Headers(ref h) => h.is_over_size(),
             Continuable::PushPromise(ref p) => p.is_over_size(),
+        }
+    }
+
+    /// grpcgate patch: see `HeaderBlock::is_malformed`.
+    fn is_malformed(&self) -> bool {
+        match *self {
+            Continuable::Headers(ref h) => h.is_malformed(),
+            Continuable::PushPromise(ref p) => p.is_malformed(),
         }
     }
 

@@ -111,6 +111,11 @@ pub(crate) struct HeaderBlock {
     /// Set to true if decoding went over the max header list size.
     is_over_size: bool,
 
+    /// grpcgate patch: set when a field makes the message malformed (RFC 9113 §8.1.1); the block
+    /// is still decoded to its end (it may span CONTINUATION frames) to keep the HPACK state in
+    /// sync, and then the stream is reset.
+    is_malformed: bool,
+
     /// Pseudo headers, these are broken out as they must be sent as part of the
     /// headers frame.
     pseudo: Pseudo,
@@ -139,6 +144,7 @@ impl Headers {
                 field_size: calculate_headermap_size(&fields),
                 fields,
                 is_over_size: false,
+                is_malformed: false,
                 pseudo,
             }),
             flags: HeadersFlag::default(),
@@ -157,6 +163,7 @@ impl Headers {
                 field_size: calculate_headermap_size(&fields),
                 fields,
                 is_over_size: false,
+                is_malformed: false,
                 pseudo: Pseudo::default(),
             }),
             flags,
@@ -223,6 +230,7 @@ impl Headers {
                 fields: HeaderMap::new(),
                 field_size: 0,
                 is_over_size: false,
+                is_malformed: false,
                 pseudo: Pseudo::default(),
             }),
             flags,
@@ -263,6 +271,11 @@ impl Headers {
 
     pub fn is_over_size(&self) -> bool {
         self.header_block.is_over_size
+    }
+
+    /// grpcgate patch: see `HeaderBlock::is_malformed`.
+    pub fn is_malformed(&self) -> bool {
+        self.header_block.is_malformed
     }
 
     pub fn into_parts(self) -> (Pseudo, HeaderMap) {
@@ -402,6 +415,7 @@ impl PushPromise {
                 field_size: calculate_headermap_size(&fields),
                 fields,
                 is_over_size: false,
+                is_malformed: false,
                 pseudo,
             }),
             promised_id,
@@ -493,6 +507,7 @@ impl PushPromise {
                 fields: HeaderMap::new(),
                 field_size: 0,
                 is_over_size: false,
+                is_malformed: false,
                 pseudo: Pseudo::default(),
             }),
             promised_id,
@@ -528,6 +543,11 @@ impl PushPromise {
 
     pub fn is_over_size(&self) -> bool {
         self.header_block.is_over_size
+    }
+
+    /// grpcgate patch: see `HeaderBlock::is_malformed`.
+    pub fn is_malformed(&self) -> bool {
+        self.header_block.is_malformed
     }
 
     pub fn encode(
@@ -964,7 +984,6 @@ impl HeaderBlock {
         decoder: &mut hpack::Decoder,
     ) -> Result<(), Error> {
         let mut reg = !self.fields.is_empty();
-        let mut malformed = false;
         let mut header_list_way_too_large = false;
         let mut headers_size = self.calculate_header_list_size();
         let max_header_list_abuse_size =
@@ -990,10 +1009,10 @@ impl HeaderBlock {
             ($field:ident, $val:expr) => {{
                 if reg {
                     tracing::trace!("load_hpack; header malformed -- pseudo not at head of block");
-                    malformed = true;
+                    self.is_malformed = true;
                 } else if self.pseudo.$field.is_some() {
                     tracing::trace!("load_hpack; header malformed -- repeated pseudo");
-                    malformed = true;
+                    self.is_malformed = true;
                 } else {
                     let __val = $val;
                     headers_size +=
@@ -1014,8 +1033,21 @@ impl HeaderBlock {
         // the headers. A malformed header frame is a stream level error, but
         // the hpack state is connection level. In order to maintain correct
         // state for other streams, the hpack decoding process must complete.
-        let res = decoder.decode(&mut cursor, |header| {
+        let res = decoder.decode_fields(&mut cursor, |header| {
             use crate::hpack::Header::*;
+
+            // grpcgate patch: a field HTTP/2 does not allow (uppercase or invalid name, CR/LF/NUL
+            // in a value, unknown pseudo-header) makes the message malformed, a stream error; it
+            // used to fail HPACK decoding, a connection error. Its size still counts.
+            let header = match header {
+                Ok(header) => header,
+                Err(field) => {
+                    tracing::trace!("load_hpack; malformed field: {:?}", field);
+                    self.is_malformed = true;
+                    headers_size += decoded_header_size(field.name.len(), field.value.len());
+                    return check_size!();
+                }
+            };
 
             match header {
                 Field { name, value } => {
@@ -1030,13 +1062,13 @@ impl HeaderBlock {
                     );
                     if connection_level {
                         tracing::trace!("load_hpack; connection level header");
-                        malformed = true;
+                        self.is_malformed = true;
                     } else if name == header::TE && value != "trailers" {
                         tracing::trace!(
                             "load_hpack; TE header not set to trailers; val={:?}",
                             value
                         );
-                        malformed = true;
+                        self.is_malformed = true;
                     } else {
                         reg = true;
 
@@ -1080,11 +1112,9 @@ impl HeaderBlock {
             return Err(Error::HeaderListWayTooLarge);
         }
 
-        if malformed {
-            tracing::trace!("malformed message");
-            return Err(Error::MalformedMessage);
-        }
-
+        // grpcgate patch: a malformed block is reported by `is_malformed` once it is complete
+        // (it used to be `Error::MalformedMessage` here, which lost the rest of a block continued in
+        // CONTINUATION frames).
         Ok(())
     }
 

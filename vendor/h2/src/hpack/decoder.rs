@@ -38,6 +38,37 @@ pub enum DecoderError {
     NeedMore(NeedMore),
 }
 
+/// grpcgate patch: a header field that HPACK decoded but that is not a valid HTTP/2 field: a name
+/// with an uppercase letter or a character not allowed in a token (space, ...), an unknown
+/// pseudo-header, a value with CR, LF or NUL, an invalid pseudo-header value (RFC 9113 §8.2.1,
+/// §8.3). A message carrying one is malformed, a stream error; the HPACK state is the connection's
+/// and stays in sync: the field goes into the dynamic table when the encoder asked for it (its
+/// size counts), and a later reference to that entry decodes as malformed again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MalformedField {
+    pub name: Bytes,
+    pub value: Bytes,
+    /// Why `Header::new` refused it.
+    pub error: DecoderError,
+}
+
+impl MalformedField {
+    /// The field's size as HPACK counts it (RFC 7541 §4.1).
+    pub fn len(&self) -> usize {
+        32 + self.name.len() + self.value.len()
+    }
+}
+
+/// grpcgate patch: what the decoder yields and keeps in its table.
+pub type Field = Result<Header, MalformedField>;
+
+fn field_len(field: &Field) -> usize {
+    match field {
+        Ok(h) => h.len(),
+        Err(m) => m.len(),
+    }
+}
+
 #[derive(Debug, Copy, Clone, PartialEq, Eq)]
 pub enum NeedMore {
     UnexpectedEndOfStream,
@@ -138,7 +169,7 @@ enum Representation {
 
 #[derive(Debug)]
 struct Table {
-    entries: VecDeque<Header>,
+    entries: VecDeque<Field>,
     size: usize,
     max_size: usize,
 }
@@ -177,6 +208,10 @@ impl Decoder {
     }
 
     /// Decodes the headers found in the given buffer.
+    ///
+    /// grpcgate patch: a malformed field (see `MalformedField`) is an error here, as before; h2's
+    /// frames use `decode_fields`; only tests and the fuzzer use this.
+    #[cfg(any(test, fuzzing))]
     pub fn decode<F>(
         &mut self,
         src: &mut Cursor<&mut BytesMut>,
@@ -184,6 +219,31 @@ impl Decoder {
     ) -> Result<(), DecoderError>
     where
         F: FnMut(Header) -> ControlFlow<()>,
+    {
+        let mut malformed = None;
+        self.decode_fields(src, |field| match field {
+            Ok(h) => f(h),
+            Err(m) => {
+                malformed = Some(m.error);
+                ControlFlow::Break(())
+            }
+        })?;
+        match malformed {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// grpcgate patch: decodes the fields found in the given buffer, handing a field that HPACK
+    /// decoded but HTTP/2 does not allow to `f` as a `MalformedField` instead of failing, so that
+    /// the caller can reject the message and keep decoding the block.
+    pub fn decode_fields<F>(
+        &mut self,
+        src: &mut Cursor<&mut BytesMut>,
+        mut f: F,
+    ) -> Result<(), DecoderError>
+    where
+        F: FnMut(Field) -> ControlFlow<()>,
     {
         use self::Representation::*;
 
@@ -216,7 +276,7 @@ impl Decoder {
                     tracing::trace!(rem = src.remaining(), kind = %"LiteralWithIndexing");
                     can_resize = false;
                     // grpcgate patch: interned, see `Header::interned`.
-                    let entry = self.decode_literal(src, true)?.interned();
+                    let entry = self.decode_literal(src, true)?.map(Header::interned);
 
                     // Insert the header into the table
                     self.table.insert(entry.clone());
@@ -281,7 +341,7 @@ impl Decoder {
         Ok(())
     }
 
-    fn decode_indexed(&self, buf: &mut Cursor<&mut BytesMut>) -> Result<Header, DecoderError> {
+    fn decode_indexed(&self, buf: &mut Cursor<&mut BytesMut>) -> Result<Field, DecoderError> {
         let index = decode_int(buf, 7)?;
         self.table.get(index)
     }
@@ -290,7 +350,7 @@ impl Decoder {
         &mut self,
         buf: &mut Cursor<&mut BytesMut>,
         index: bool,
-    ) -> Result<Header, DecoderError> {
+    ) -> Result<Field, DecoderError> {
         let prefix = if index { 6 } else { 4 };
 
         // Extract the table index for the name, or 0 if not indexed
@@ -305,12 +365,17 @@ impl Decoder {
             // Read the name as a literal
             let name = name_marker.consume(buf);
             let value = value_marker.consume(buf);
-            Header::new(name, value)
+            // grpcgate patch: a field HTTP/2 does not allow is decoded all the same.
+            Ok(Header::new(name, value))
         } else {
             let e = self.table.get(table_idx)?;
             let value = self.decode_string(buf)?;
 
-            e.name().into_entry(value)
+            // grpcgate patch: as above; a malformed entry's name makes a malformed field.
+            Ok(match e {
+                Ok(e) => e.name().into_entry(value),
+                Err(m) => Err(MalformedField { value, ..m }),
+            })
         }
     }
 
@@ -525,13 +590,13 @@ impl Table {
     ///
     /// This is according to the [HPACK spec, section 2.3.3.]
     /// (http://http2.github.io/http2-spec/compression.html#index.address.space)
-    pub fn get(&self, index: usize) -> Result<Header, DecoderError> {
+    pub fn get(&self, index: usize) -> Result<Field, DecoderError> {
         if index == 0 {
             return Err(DecoderError::InvalidTableIndex);
         }
 
         if index <= 61 {
-            return Ok(get_static(index));
+            return Ok(Ok(get_static(index)));
         }
 
         // Convert the index for lookup in the entries structure.
@@ -541,8 +606,8 @@ impl Table {
         }
     }
 
-    fn insert(&mut self, entry: Header) {
-        let len = entry.len();
+    fn insert(&mut self, entry: Field) {
+        let len = field_len(&entry);
 
         self.reserve(len);
 
@@ -564,7 +629,7 @@ impl Table {
         while self.size + size > self.max_size {
             match self.entries.pop_back() {
                 Some(last) => {
-                    self.size -= last.len();
+                    self.size -= field_len(&last);
                 }
                 None => return,
             }
@@ -583,7 +648,7 @@ impl Table {
                     }
                 };
 
-                self.size -= last.len();
+                self.size -= field_len(last);
             }
 
             self.entries.pop_back();
@@ -955,5 +1020,91 @@ mod test {
             }
             _ => panic!(),
         }
+    }
+
+    // grpcgate patch: fields HTTP/2 does not allow are decoded, kept in the table, and reported.
+
+    fn literal(first: u8, name: &[u8], value: &[u8]) -> Vec<u8> {
+        let mut b = vec![first, name.len() as u8];
+        b.extend_from_slice(name);
+        b.push(value.len() as u8);
+        b.extend_from_slice(value);
+        b
+    }
+
+    fn decode_all(de: &mut Decoder, block: &[u8]) -> Vec<Field> {
+        let mut buf = BytesMut::from(block);
+        let mut res = vec![];
+        de.decode_fields(&mut Cursor::new(&mut buf), |f| {
+            res.push(f);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        res
+    }
+
+    #[test]
+    fn test_malformed_fields_are_decoded_and_reported() {
+        let mut de = Decoder::new(4096);
+        let mut block = vec![];
+        for (name, value) in [
+            (&b"X-Upper"[..], &b"1"[..]),
+            (b"x bad", b"1"),
+            (b"x-cr", b"a\rb"),
+            (b"x-lf", b"a\nb"),
+            (b"x-nul", b"a\0b"),
+            (b":foo", b"bar"),
+            (b":method", b"GE T"),
+            (b"", b"empty name"),
+        ] {
+            block.extend(literal(0x00, name, value));
+        }
+        block.extend(literal(0x00, b"x-good", b"ok"));
+        let res = decode_all(&mut de, &block);
+        assert_eq!(res.len(), 9);
+        for f in &res[..8] {
+            assert!(f.is_err(), "{f:?}");
+        }
+        let m = res[0].clone().unwrap_err();
+        assert_eq!((&m.name[..], &m.value[..]), (&b"X-Upper"[..], &b"1"[..]));
+        assert_eq!(
+            res[5].clone().unwrap_err().error,
+            DecoderError::InvalidPseudoheader
+        );
+        match res[8] {
+            Ok(Header::Field {
+                ref name,
+                ref value,
+            }) => assert_eq!((name.as_str(), value.to_str().unwrap()), ("x-good", "ok")),
+            ref other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn test_malformed_field_with_indexing_keeps_the_table_in_sync() {
+        let mut de = Decoder::new(4096);
+        // A malformed field and a good one, both with incremental indexing.
+        let mut block = literal(0x40, b"X-Bad", b"v");
+        block.extend(literal(0x40, b"x-after", b"1"));
+        let res = decode_all(&mut de, &block);
+        assert!(res[0].is_err() && res[1].is_ok());
+        assert_eq!(de.table.size(), (32 + 5 + 1) + (32 + 7 + 1));
+        // Index 62 is the newest entry (x-after), 63 the malformed one; a literal value with the
+        // malformed entry's name is malformed too.
+        let mut next = vec![0x80 | 62, 0x80 | 63];
+        next.extend([0x0f, 63 - 15, 1, b'w']);
+        let res = decode_all(&mut de, &next);
+        match res[0] {
+            Ok(Header::Field { ref name, .. }) => assert_eq!(name.as_str(), "x-after"),
+            ref other => panic!("{other:?}"),
+        }
+        assert_eq!(&res[1].clone().unwrap_err().name[..], b"X-Bad");
+        let m = res[2].clone().unwrap_err();
+        assert_eq!((&m.name[..], &m.value[..]), (&b"X-Bad"[..], &b"w"[..]));
+        // `decode` (tests, fuzzer) still fails on them.
+        let mut buf = BytesMut::from(&[0x80 | 63][..]);
+        assert!(de
+            .decode(&mut Cursor::new(&mut buf), |_| ControlFlow::Continue(()))
+            .is_err());
     }
 }

@@ -1,4 +1,4 @@
-use super::{DecoderError, NeedMore};
+use super::{DecoderError, MalformedField, NeedMore};
 use crate::ext::Protocol;
 
 use bytes::Bytes;
@@ -62,45 +62,47 @@ impl Header<Option<HeaderName>> {
 }
 
 impl Header {
-    pub fn new(name: Bytes, value: Bytes) -> Result<Header, DecoderError> {
-        if name.is_empty() {
-            return Err(DecoderError::NeedMore(NeedMore::UnexpectedEndOfStream));
-        }
-        if name[0] == b':' {
+    /// grpcgate patch: a field HTTP/2 does not allow comes back whole, as a `MalformedField` (the
+    /// checks borrow `name` and `value`), instead of as a bare error.
+    pub fn new(name: Bytes, value: Bytes) -> Result<Header, MalformedField> {
+        let res = if name.is_empty() {
+            Err(DecoderError::NeedMore(NeedMore::UnexpectedEndOfStream))
+        } else if name[0] == b':' {
             match &name[1..] {
-                b"authority" => {
-                    let value = BytesStr::try_from(value)?;
-                    Ok(Header::Authority(value))
+                b"authority" | b"scheme" | b"path" | b"protocol" => {
+                    match std::str::from_utf8(&value) {
+                        Err(e) => Err(e.into()),
+                        Ok(_) => {
+                            let v = BytesStr(value);
+                            return Ok(match name[1] {
+                                b'a' => Header::Authority(v),
+                                b's' => Header::Scheme(v),
+                                b'p' if name.len() == 5 => Header::Path(v),
+                                _ => Header::Protocol(
+                                    Protocol::try_from(v.into_inner()).expect("checked UTF-8"),
+                                ),
+                            });
+                        }
+                    }
                 }
-                b"method" => {
-                    let method = Method::from_bytes(&value)?;
-                    Ok(Header::Method(method))
-                }
-                b"scheme" => {
-                    let value = BytesStr::try_from(value)?;
-                    Ok(Header::Scheme(value))
-                }
-                b"path" => {
-                    let value = BytesStr::try_from(value)?;
-                    Ok(Header::Path(value))
-                }
-                b"protocol" => {
-                    let value = Protocol::try_from(value)?;
-                    Ok(Header::Protocol(value))
-                }
-                b"status" => {
-                    let status = StatusCode::from_bytes(&value)?;
-                    Ok(Header::Status(status))
-                }
+                b"method" => Method::from_bytes(&value)
+                    .map(Header::Method)
+                    .map_err(Into::into),
+                b"status" => StatusCode::from_bytes(&value)
+                    .map(Header::Status)
+                    .map_err(Into::into),
                 _ => Err(DecoderError::InvalidPseudoheader),
             }
         } else {
             // HTTP/2 requires lower case header names
-            let name = HeaderName::from_lowercase(&name)?;
-            let value = HeaderValue::from_bytes(&value)?;
-
-            Ok(Header::Field { name, value })
-        }
+            HeaderName::from_lowercase(&name)
+                .map_err(DecoderError::from)
+                .and_then(|name| {
+                    let value = HeaderValue::from_bytes(&value)?;
+                    Ok(Header::Field { name, value })
+                })
+        };
+        res.map_err(|error| MalformedField { name, value, error })
     }
 
     /// grpcgate patch: gRPC's usual header names and values, stored as static bytes.
@@ -277,25 +279,45 @@ impl From<Header> for Header<Option<HeaderName>> {
 }
 
 impl<'a> Name<'a> {
-    pub fn into_entry(self, value: Bytes) -> Result<Header, DecoderError> {
-        match self {
-            Name::Field(name) => Ok(Header::Field {
-                name: name.clone(),
-                value: HeaderValue::from_bytes(&value)?,
-            }),
-            Name::Authority => Ok(Header::Authority(BytesStr::try_from(value)?)),
-            Name::Method => Ok(Header::Method(Method::from_bytes(&value)?)),
-            Name::Scheme => Ok(Header::Scheme(BytesStr::try_from(value)?)),
-            Name::Path => Ok(Header::Path(BytesStr::try_from(value)?)),
-            Name::Protocol => Ok(Header::Protocol(Protocol::try_from(value)?)),
-            Name::Status => {
-                match StatusCode::from_bytes(&value) {
-                    Ok(status) => Ok(Header::Status(status)),
-                    // TODO: better error handling
-                    Err(_) => Err(DecoderError::InvalidStatusCode),
+    /// grpcgate patch: a value HTTP/2 does not allow comes back with the name, as a
+    /// `MalformedField`.
+    pub fn into_entry(self, value: Bytes) -> Result<Header, MalformedField> {
+        let res = match self {
+            Name::Field(name) => HeaderValue::from_bytes(&value)
+                .map(|value| Header::Field {
+                    name: name.clone(),
+                    value,
+                })
+                .map_err(DecoderError::from),
+            Name::Authority | Name::Scheme | Name::Path | Name::Protocol => {
+                match std::str::from_utf8(&value) {
+                    Err(e) => Err(e.into()),
+                    Ok(_) => {
+                        let v = BytesStr(value);
+                        return Ok(match self {
+                            Name::Authority => Header::Authority(v),
+                            Name::Scheme => Header::Scheme(v),
+                            Name::Path => Header::Path(v),
+                            _ => Header::Protocol(
+                                Protocol::try_from(v.into_inner()).expect("checked UTF-8"),
+                            ),
+                        });
+                    }
                 }
             }
-        }
+            Name::Method => Method::from_bytes(&value)
+                .map(Header::Method)
+                .map_err(Into::into),
+            // TODO: better error handling
+            Name::Status => StatusCode::from_bytes(&value)
+                .map(Header::Status)
+                .map_err(|_| DecoderError::InvalidStatusCode),
+        };
+        res.map_err(|error| MalformedField {
+            name: Bytes::copy_from_slice(self.as_slice()),
+            value,
+            error,
+        })
     }
 
     pub fn as_slice(&self) -> &[u8] {

@@ -85,6 +85,8 @@ pub(crate) struct Config {
     pub reset_stream_max: usize,
     pub remote_reset_stream_max: usize,
     pub local_error_reset_streams_max: Option<usize>,
+    /// grpcgate patch: see `server::Builder::premature_reset_limit`.
+    pub premature_reset_limit: Option<streams::PrematureResetLimit>,
     pub settings: frame::Settings,
     pub data_frame_budget: DataFrameBudget,
 }
@@ -152,6 +154,7 @@ where
                     .map(|max| max as usize),
                 local_max_error_reset_streams: config.local_error_reset_streams_max,
                 data_frame_budget: config.data_frame_budget,
+                premature_reset_limit: config.premature_reset_limit,
             }
         }
         let streams = Streams::new(streams_config(&config));

@@ -1,5 +1,8 @@
 use super::*;
 
+use crate::frame::Reason;
+use std::time::Instant;
+
 #[derive(Debug)]
 struct Budget {
     spent: usize,
@@ -86,6 +89,12 @@ pub(super) struct Counts {
     /// Number of empty, non-final DATA frames received over the lifetime of
     /// the connection.
     num_recv_empty_data_frames: usize,
+
+    /// grpcgate patch: the premature-reset rule, if set, and its counts over the lifetime of the
+    /// connection (see `PrematureResetLimit`).
+    premature_reset_limit: Option<PrematureResetLimit>,
+    num_remote_opened_streams: usize,
+    num_premature_resets: usize,
 }
 
 impl Counts {
@@ -106,7 +115,51 @@ impl Counts {
             data_frame_budget: Budget::new(config.data_frame_budget.resolve(None)),
             data_frame_budget_is_auto: config.data_frame_budget.is_auto(),
             num_recv_empty_data_frames: 0,
+            premature_reset_limit: config.premature_reset_limit,
+            num_remote_opened_streams: 0,
+            num_premature_resets: 0,
         }
+    }
+
+    /// grpcgate patch: counts a stream the peer opened, and notes when, if the premature-reset rule
+    /// is set (only then is the clock read).
+    pub fn record_remote_open(&mut self, stream: &mut Stream) {
+        if self.premature_reset_limit.is_some() {
+            self.num_remote_opened_streams += 1;
+            stream.opened_at = Some(Instant::now());
+        }
+    }
+
+    /// grpcgate patch: applies the premature-reset rule to a RST_STREAM received on `stream`, before
+    /// its state changes. A stream the peer reset within `min_lifetime` of opening it, and before a
+    /// response HEADERS was sent on it, counts as reset prematurely; an error once too many were.
+    pub fn record_remote_reset(&mut self, stream: &Stream) -> Result<(), Error> {
+        let limit = match self.premature_reset_limit {
+            Some(limit) => limit,
+            None => return Ok(()),
+        };
+        let opened_at = match stream.opened_at {
+            Some(t) => t,
+            None => return Ok(()),
+        };
+        if !stream.state.is_awaiting_send_headers() || opened_at.elapsed() >= limit.min_lifetime {
+            return Ok(());
+        }
+        self.num_premature_resets += 1;
+        let base = self.num_remote_opened_streams.max(limit.min_streams);
+        if self.num_premature_resets as f64 > limit.max_ratio * base as f64 {
+            tracing::warn!(
+                "recv_reset; {} of {} streams reset prematurely, over the limit ({:?})",
+                self.num_premature_resets,
+                self.num_remote_opened_streams,
+                limit,
+            );
+            return Err(Error::library_go_away_data(
+                Reason::ENHANCE_YOUR_CALM,
+                "too_many_premature_resets",
+            ));
+        }
+        Ok(())
     }
 
     pub fn set_target_connection_window_size(&mut self, size: WindowSize) {
@@ -390,6 +443,7 @@ mod tests {
             remote_max_initiated: None,
             local_max_error_reset_streams: None,
             data_frame_budget: DataFrameBudget::Configured(DEFAULT_DATA_FRAME_BUDGET),
+            premature_reset_limit: None,
         }
     }
 
@@ -504,5 +558,112 @@ mod tests {
                 .unwrap();
         }
         assert!(counts.record_data_frame(0).is_err());
+    }
+
+    // grpcgate patch: the premature-reset rule.
+
+    fn premature_counts(min_streams: usize, max_ratio: f64) -> Counts {
+        Counts::new(
+            peer::Dyn::Server,
+            &Config {
+                premature_reset_limit: Some(PrematureResetLimit {
+                    min_streams,
+                    max_ratio,
+                    min_lifetime: Duration::from_secs(1),
+                }),
+                ..counts_config()
+            },
+        )
+    }
+
+    /// A stream the client opened with a request HEADERS, as `Recv::recv_headers` leaves it.
+    fn opened(counts: &mut Counts, id: u32) -> Stream {
+        let mut stream = Stream::new(StreamId::from(id), 65_535, 65_535);
+        let request = frame::Headers::new(
+            stream.id,
+            frame::Pseudo::request(
+                http::Method::POST,
+                http::Uri::from_static("http://test/echo.Echo/Unary"),
+                None,
+            ),
+            http::HeaderMap::new(),
+        );
+        assert!(stream.state.recv_open(&request).unwrap());
+        counts.record_remote_open(&mut stream);
+        stream
+    }
+
+    #[test]
+    fn premature_resets_of_every_other_stream_are_allowed() {
+        let mut counts = premature_counts(500, 0.5);
+        let mut streams = Vec::new();
+        for n in 0..5_000 {
+            let stream = opened(&mut counts, 2 * n + 1);
+            if n % 2 == 1 {
+                counts
+                    .record_remote_reset(&stream)
+                    .expect("at most half reset");
+            }
+            streams.push(stream);
+        }
+        // Only a ratio over the limit ends the connection: a late burst of resets does.
+        let mut cut_at = None;
+        for (n, stream) in streams.iter().enumerate().filter(|(n, _)| n % 2 == 0) {
+            if counts.record_remote_reset(stream).is_err() {
+                cut_at = Some(n);
+                break;
+            }
+        }
+        assert_eq!(cut_at, Some(0), "2,501 of 5,000 reset is over half");
+    }
+
+    #[test]
+    fn premature_resets_only_are_cut_off_after_ratio_times_min_streams() {
+        let mut counts = premature_counts(500, 0.5);
+        for n in 0..10_000u32 {
+            let stream = opened(&mut counts, 2 * n + 1);
+            match counts.record_remote_reset(&stream) {
+                Ok(()) => assert!(n < 250, "reset {} allowed", n + 1),
+                Err(e) => {
+                    assert_eq!(n, 250, "cut off at reset {}", n + 1);
+                    assert!(
+                        matches!(
+                            e,
+                            Error::GoAway(ref data, Reason::ENHANCE_YOUR_CALM, _)
+                                if data.as_ref() == b"too_many_premature_resets"
+                        ),
+                        "{e:?}"
+                    );
+                    return;
+                }
+            }
+        }
+        panic!("never cut off");
+    }
+
+    #[test]
+    fn resets_after_the_response_started_or_after_min_lifetime_are_not_premature() {
+        let mut counts = premature_counts(10, 0.0);
+        // Response HEADERS sent: not premature.
+        let mut answered = opened(&mut counts, 1);
+        answered.state.send_open(false).unwrap();
+        counts.record_remote_reset(&answered).unwrap();
+        // Opened more than min_lifetime ago: not premature.
+        let mut old = opened(&mut counts, 3);
+        old.opened_at = Some(Instant::now() - Duration::from_secs(2));
+        counts.record_remote_reset(&old).unwrap();
+        // Neither: premature, and with a ratio of 0 the first one is too many.
+        let fresh = opened(&mut counts, 5);
+        assert!(counts.record_remote_reset(&fresh).is_err());
+    }
+
+    #[test]
+    fn premature_rule_is_off_by_default() {
+        let mut counts = counts();
+        for n in 0..1_000 {
+            let stream = opened(&mut counts, 2 * n + 1);
+            assert!(stream.opened_at.is_none());
+            counts.record_remote_reset(&stream).unwrap();
+        }
     }
 }

@@ -81,6 +81,29 @@ pub struct Config {
 
     /// Connection-level budget policy for DATA framing overhead.
     pub(crate) data_frame_budget: DataFrameBudget,
+
+    /// grpcgate patch: when to end a connection whose peer resets most of the streams it opens
+    /// (see `server::Builder::premature_reset_limit`).
+    pub premature_reset_limit: Option<PrematureResetLimit>,
+}
+
+/// grpcgate patch: the rule of `server::Builder::premature_reset_limit`. A stream the peer opened and
+/// reset within `min_lifetime`, before a response HEADERS was sent on it, was reset prematurely. The
+/// connection ends (GOAWAY `ENHANCE_YOUR_CALM`, "too_many_premature_resets") as soon as
+///
+/// ```text
+/// premature resets > max_ratio * max(streams opened, min_streams)
+/// ```
+///
+/// which is Envoy's rule (`overload.premature_reset_total_stream_count`, default 500; the ratio is
+/// 1/2 there) counted over opened instead of closed streams: a client that cancels every other call
+/// at once never goes over 1/2, and a rapid-reset attack is cut off after `max_ratio * min_streams`
+/// streams.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrematureResetLimit {
+    pub min_streams: usize,
+    pub max_ratio: f64,
+    pub min_lifetime: Duration,
 }
 
 trait DebugStructExt<'a, 'b> {

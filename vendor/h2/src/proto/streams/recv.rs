@@ -177,6 +177,9 @@ impl Recv {
                 // Increment the number of concurrent streams
                 counts.inc_num_recv_streams(stream);
             }
+
+            // grpcgate patch: the premature-reset rule counts the streams the peer opens.
+            counts.record_remote_open(stream);
         }
 
         {
@@ -904,6 +907,10 @@ impl Recv {
         stream: &mut Stream,
         counts: &mut Counts,
     ) -> Result<(), Error> {
+        // grpcgate patch: a connection whose peer resets most of the streams it opens, right after
+        // opening them, is ended (see `server::Builder::premature_reset_limit`).
+        counts.record_remote_reset(stream)?;
+
         // Reseting a stream that the user hasn't accepted is possible,
         // but should be done with care. These streams will continue
         // to take up memory in the accept queue, but will no longer be
@@ -1297,6 +1304,7 @@ mod tests {
             remote_max_initiated: None,
             local_max_error_reset_streams: None,
             data_frame_budget: DataFrameBudget::Configured(DEFAULT_DATA_FRAME_BUDGET),
+            premature_reset_limit: None,
         };
         let mut recv = Recv::new(peer::Dyn::Server, &config);
         let mut store = Store::new();

@@ -396,6 +396,18 @@ impl State {
         }
     }
 
+    /// grpcgate patch: the local side may still send HEADERS (a server: its response has not
+    /// started), and the stream is not closed.
+    pub fn is_awaiting_send_headers(&self) -> bool {
+        matches!(
+            self.inner,
+            Open {
+                local: AwaitingHeaders,
+                ..
+            } | HalfClosedRemote(AwaitingHeaders)
+        )
+    }
+
     pub fn is_send_streaming(&self) -> bool {
         matches!(
             self.inner,

@@ -98,6 +98,10 @@ pub(super) struct Stream {
     /// The time when this stream may have been locally reset.
     pub reset_at: Option<Instant>,
 
+    /// grpcgate patch: when the peer opened the stream, if the connection applies the
+    /// premature-reset rule (`Counts::record_remote_open`).
+    pub opened_at: Option<Instant>,
+
     /// Next node in list of reset streams that should expire eventually
     pub next_reset_expire: Option<store::Key>,
 
@@ -192,6 +196,7 @@ impl Stream {
             next_window_update: None,
             is_pending_window_update: false,
             reset_at: None,
+            opened_at: None,
             next_reset_expire: None,
             pending_recv: buffer::Deque::new(),
             is_recv: true,
