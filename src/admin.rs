@@ -166,6 +166,7 @@ fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             shared.metrics.encode(),
         ),
         "/healthz" => text(StatusCode::OK, PLAIN, "ok\n"),
+        "/clusters" => text(StatusCode::OK, "application/json", clusters_json(shared)),
         "/ready" => {
             if shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
                 text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "draining\n")
@@ -182,7 +183,43 @@ fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         _ => text(
             StatusCode::NOT_FOUND,
             PLAIN,
-            "not found; try /metrics, /healthz or /ready\n",
+            "not found; try /metrics, /healthz, /ready or /clusters\n",
         ),
     }
+}
+
+/// `GET /clusters`: every cluster, its balancer, where its endpoints come from, and each endpoint's
+/// state as the balancer sees it now. `healthy` means "may receive calls" (healthy and not ejected),
+/// as the `grpcgate_endpoint_healthy` gauge does; `weight` is the weight in use (below the configured
+/// one while the endpoint is in slow start).
+fn clusters_json(shared: &Shared) -> String {
+    let clusters: Vec<serde_json::Value> = shared
+        .clusters()
+        .iter()
+        .map(|c| {
+            let endpoints: Vec<serde_json::Value> = c
+                .endpoints
+                .iter()
+                .map(|e| {
+                    serde_json::json!({
+                        "address": e.address,
+                        "healthy": e.is_available(),
+                        "ejected": e.is_ejected(),
+                        "in_flight": e.in_flight(),
+                        "weight": f64::from(e.weight()) / 100.0,
+                        "connections": e.pool.connections(),
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "name": c.name,
+                "balancer": c.balancer_kind.name(),
+                "source": if c.from_dns { "dns" } else { "static" },
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    let mut body = serde_json::json!({ "clusters": clusters }).to_string();
+    body.push('\n');
+    body
 }

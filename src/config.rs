@@ -99,6 +99,15 @@ pub enum BalancerKind {
 }
 
 impl BalancerKind {
+    /// The name used in `balancer = "..."`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BalancerKind::RoundRobin => "round_robin",
+            BalancerKind::JoinShortestQueue => "join_shortest_queue",
+            BalancerKind::LeastRequest => "least_request",
+        }
+    }
+
     /// All names accepted in `balancer = "..."`.
     pub const NAMES: &'static [&'static str] =
         &["round_robin", "join_shortest_queue", "least_request"];
@@ -1189,6 +1198,52 @@ endpoints = ["127.0.0.1:50051", "localhost:50052"]
             e,
             "x.toml:19:12: clusters[0].health_check.interval: interval must be greater than zero"
         );
+    }
+
+    #[test]
+    fn dns_clusters() {
+        let base =
+            "[[listeners]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n[[clusters]]\nname = \"c\"\n";
+        let c = parse(&format!(
+            "[dns]\nnameservers = [\"10.100.0.10:53\"]\n{base}dns = \"echo-headless.prod.svc.cluster.local:50051\"\nslow_start = \"30s\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.dns.nameservers, vec!["10.100.0.10:53".parse().unwrap()]);
+        assert_eq!(
+            c.clusters[0].source,
+            EndpointSource::Dns {
+                host: "echo-headless.prod.svc.cluster.local".into(),
+                port: 50051,
+                refresh: Duration::from_secs(5),
+            }
+        );
+        assert!(c.clusters[0].endpoints.is_empty());
+        assert_eq!(c.clusters[0].slow_start, Some(Duration::from_secs(30)));
+        let err = |extra: &str| parse(&format!("{base}{extra}")).unwrap_err().to_string();
+        let e = err("dns = \"a.b:1\"\nendpoints = [\"127.0.0.1:1\"]\n");
+        assert!(e.contains("clusters[0].dns") && e.contains("both"), "{e}");
+        let e = err("");
+        assert!(
+            e.contains("clusters[0].dns") && e.contains("needs endpoints"),
+            "{e}"
+        );
+        let e = err("dns = \"echo-headless\"\n");
+        assert!(
+            e.contains("clusters[0].dns") && e.contains("name:port"),
+            "{e}"
+        );
+        let e = err("dns = \"echo:0\"\n");
+        assert!(e.contains("clusters[0].dns") && e.contains("port"), "{e}");
+        let e = err("dns = \"bad name:80\"\n");
+        assert!(e.contains("not a DNS name"), "{e}");
+        let e = err("endpoints = [\"127.0.0.1:1\"]\ndns_refresh = \"1s\"\n");
+        assert!(e.contains("clusters[0].dns_refresh"), "{e}");
+        let e = parse(&format!(
+            "[dns]\nnameservers = [\"10.0.0.1\"]\n{base}dns = \"a:1\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("dns.nameservers[0]"), "{e}");
     }
 
     #[test]
