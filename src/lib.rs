@@ -5,12 +5,17 @@
 //! endpoint and that endpoint's [`upstream`] pool for an h2c connection, then pumps frames both ways
 //! with HTTP/2 flow control until the trailers. [`grpc`] holds the protocol facts, [`metrics`] the
 //! Prometheus handles and [`admin`] the operator endpoints. [`Gateway`] wires it all together.
+//!
+//! The `demo` feature (on by default) adds `demo` and `echo`: the `grpcgate demo` command and the
+//! echo backend it, the tests and the load benchmarks run. The proxy does not need them.
 
 pub mod admin;
 pub mod balancer;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod discovery;
+#[cfg(feature = "demo")]
 pub mod echo;
 pub mod gateway;
 pub mod grpc;
@@ -31,6 +36,7 @@ pub use gateway::Gateway;
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
     /// The echo test service (`echo.Echo`).
+    #[cfg(feature = "demo")]
     pub mod echo {
         tonic::include_proto!("echo");
     }

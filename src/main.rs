@@ -1,10 +1,13 @@
-//! The `grpcgate` command: run the proxy from a config file, check a config, or run the demo.
+//! The `grpcgate` command: run the proxy from a config file, check a config, or run the demo (the
+//! `demo` feature, on by default).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use grpcgate::{demo, Config, Gateway};
+#[cfg(feature = "demo")]
+use grpcgate::demo;
+use grpcgate::{Config, Gateway};
 use tokio::signal::unix::{signal, SignalKind};
 
 // jemalloc rather than glibc malloc. A proxied call allocates and frees the same handful of sizes on
@@ -46,6 +49,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Start three echo backends and the proxy in-process, drive load through it and print a report.
+    #[cfg(feature = "demo")]
     Demo(demo::DemoArgs),
 }
 
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
         .build()
         .expect("tokio runtime");
 
+    #[cfg(feature = "demo")]
     if let Some(Command::Demo(args)) = cli.command {
         return match runtime.block_on(demo::run(args)) {
             Ok(()) => ExitCode::SUCCESS,
@@ -85,7 +90,12 @@ fn main() -> ExitCode {
         };
     }
     let Some(path) = cli.config else {
-        eprintln!("grpcgate: --config FILE is required (or run `grpcgate demo`); see --help");
+        let or_demo = if cfg!(feature = "demo") {
+            " (or run `grpcgate demo`)"
+        } else {
+            ""
+        };
+        eprintln!("grpcgate: --config FILE is required{or_demo}; see --help");
         return ExitCode::from(2);
     };
     let config = match Config::from_file(&path) {

@@ -32,7 +32,7 @@ enum PumpState {
 pub(super) struct Pump<'a> {
     /// A frame being sent, and the credit to release once it is.
     pending: Option<(Bytes, usize)>,
-    /// Whether the one frame allowed to go without reserved capacity has gone (see `pump`).
+    /// Whether the one frame allowed to go without reserved capacity has gone (see `send_pending`).
     sent_unreserved: bool,
     /// Whether the source had ended when the pending frame was read from it.
     src_ended: bool,
@@ -81,6 +81,8 @@ impl<'a> Pump<'a> {
         }
     }
 
+    /// Moves frames until one side must wait or the stream is done: sends the pending frame, reads
+    /// the next, and after the last, forwards the trailers.
     fn pump(
         &mut self,
         cx: &mut Context<'_>,
@@ -90,110 +92,140 @@ impl<'a> Pump<'a> {
     ) -> Poll<Result<Option<Code>, PumpError>> {
         loop {
             match self.state {
-                PumpState::Data => {
-                    if let Some((chunk, credit)) = &mut self.pending {
-                        let cap = if !self.sent_unreserved {
-                            // The stream's first frame goes to h2 whole, without asking for capacity
-                            // (nothing was reserved before it) or the reserve and poll-capacity round
-                            // trip, each through h2's connection lock: most gRPC calls are one message
-                            // each way. h2 holds it until the window allows and counts it against any
-                            // later reservation, so at most this one frame (≤ the 16 KiB max frame
-                            // size we advertise) is buffered beyond the end-to-end window.
-                            self.sent_unreserved = true;
-                            chunk.len()
-                        } else {
-                            let mut cap = dst.capacity();
-                            if cap == 0 {
-                                dst.reserve_capacity(chunk.len());
-                                match ready!(dst.poll_capacity(cx)) {
-                                    Some(Ok(_)) => cap = dst.capacity(),
-                                    Some(Err(e)) => {
-                                        return Poll::Ready(Err(PumpError::Dst(Some(e))))
-                                    }
-                                    None => return Poll::Ready(Err(PumpError::Dst(None))),
-                                }
-                                if cap == 0 {
-                                    continue;
-                                }
-                            }
-                            cap
-                        };
-                        let part = chunk.split_to(cap.min(chunk.len()));
-                        // The source already ended with this frame (END_STREAM on DATA, no trailers):
-                        // end ours with it too rather than with a separate empty DATA frame, which
-                        // doubles the frames and trips peers' small-frame flood limits.
-                        let last = chunk.is_empty() && self.status_from.is_none() && self.src_ended;
-                        if let Err(e) = dst.send_data(part, last) {
-                            return Poll::Ready(Err(PumpError::Dst(Some(e))));
-                        }
-                        if chunk.is_empty() {
-                            // Connection-level credit must come back even for a stream's last frame.
-                            let credit = *credit;
-                            self.pending = None;
-                            let _ = src.flow_control().release_capacity(credit);
-                            if last {
-                                self.state = PumpState::Done;
-                                return Poll::Ready(Ok(None));
-                            }
-                        } else {
-                            dst.reserve_capacity(chunk.len());
-                        }
-                        continue;
-                    }
-                    // With the data, whether the source ended with it: asking h2 after would lock again.
-                    match ready!(src.poll_data_end(cx)) {
-                        Some(Ok((chunk, ended))) => {
-                            let len = chunk.len();
-                            if len == 0 {
-                                continue;
-                            }
-                            if let Some(r) = replay.as_deref_mut() {
-                                r.record(&chunk);
-                            }
-                            // The first frame goes unreserved (above); h2 reserves what a frame
-                            // needs when it is sent, so reserving ahead for it costs a lock for
-                            // nothing.
-                            if self.sent_unreserved {
-                                dst.reserve_capacity(len);
-                            }
-                            self.src_ended = ended;
-                            self.pending = Some((chunk, len));
-                        }
-                        Some(Err(e)) => return Poll::Ready(Err(PumpError::Src(e))),
-                        None => self.state = PumpState::Trailers,
-                    }
+                PumpState::Data if self.pending.is_some() => {
+                    ready!(self.send_pending(cx, src, dst))?
                 }
-                PumpState::Trailers => {
-                    let mut trailers = match ready!(src.poll_trailers(cx)) {
-                        Ok(t) => t,
-                        Err(e) => return Poll::Ready(Err(PumpError::Src(e))),
-                    };
-                    if let (Some(r), Some(_)) = (replay.as_deref_mut(), &trailers) {
-                        // Request trailers are not gRPC; such a call is not sent again.
-                        r.give_up();
-                    }
-                    // One lookup of grpc-status (a custom header name: hashed byte by byte).
-                    let mut code = trailers
-                        .as_ref()
-                        .and_then(|t| t.get(&GRPC_STATUS))
-                        .map(Code::from_header);
-                    if let (Some(endpoint), None) = (self.status_from, code) {
-                        let status = missing_status(endpoint);
-                        code = Some(status.code);
-                        match &mut trailers {
-                            Some(t) => status.write_to(t),
-                            None => trailers = Some(status.to_trailers()),
-                        }
-                    }
-                    self.state = PumpState::Done;
-                    let result = match trailers {
-                        Some(t) => dst.send_trailers(t).map(|()| code),
-                        None => dst.send_data(Bytes::new(), true).map(|()| None),
-                    };
-                    return Poll::Ready(result.map_err(|e| PumpError::Dst(Some(e))));
-                }
+                PumpState::Data => ready!(self.read_frame(cx, src, dst, replay.as_deref_mut()))?,
+                PumpState::Trailers => return self.forward_trailers(cx, src, dst, replay),
                 PumpState::Done => return Poll::Ready(Ok(None)),
             }
         }
+    }
+
+    /// Sends what the destination's window allows of the pending frame; once all of it went, releases
+    /// its credit to the source. Ready(Ok) when there is more to do (the pump loops).
+    fn send_pending(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut RecvStream,
+        dst: &mut SendStream<Bytes>,
+    ) -> Poll<Result<(), PumpError>> {
+        let Some((chunk, credit)) = &mut self.pending else {
+            return Poll::Ready(Ok(()));
+        };
+        let cap = if !self.sent_unreserved {
+            // The stream's first frame goes to h2 whole, without asking for capacity (nothing was
+            // reserved before it) or the reserve and poll-capacity round trip, each through h2's
+            // connection lock: most gRPC calls are one message each way. h2 holds it until the window
+            // allows and counts it against any later reservation, so at most this one frame (≤ the
+            // 16 KiB max frame size we advertise) is buffered beyond the end-to-end window.
+            self.sent_unreserved = true;
+            chunk.len()
+        } else {
+            let mut cap = dst.capacity();
+            if cap == 0 {
+                dst.reserve_capacity(chunk.len());
+                match ready!(dst.poll_capacity(cx)) {
+                    Some(Ok(_)) => cap = dst.capacity(),
+                    Some(Err(e)) => return Poll::Ready(Err(PumpError::Dst(Some(e)))),
+                    None => return Poll::Ready(Err(PumpError::Dst(None))),
+                }
+                if cap == 0 {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            cap
+        };
+        let part = chunk.split_to(cap.min(chunk.len()));
+        // The source already ended with this frame (END_STREAM on DATA, no trailers): end ours with it
+        // too rather than with a separate empty DATA frame, which doubles the frames and trips peers'
+        // small-frame flood limits.
+        let last = chunk.is_empty() && self.status_from.is_none() && self.src_ended;
+        if let Err(e) = dst.send_data(part, last) {
+            return Poll::Ready(Err(PumpError::Dst(Some(e))));
+        }
+        if chunk.is_empty() {
+            // Connection-level credit must come back even for a stream's last frame.
+            let credit = *credit;
+            self.pending = None;
+            let _ = src.flow_control().release_capacity(credit);
+            if last {
+                self.state = PumpState::Done;
+            }
+        } else {
+            dst.reserve_capacity(chunk.len());
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Reads the next DATA frame from the source into `pending` (and `replay`); at the end of the
+    /// data, moves on to the trailers.
+    fn read_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut RecvStream,
+        dst: &mut SendStream<Bytes>,
+        replay: Option<&mut Replay>,
+    ) -> Poll<Result<(), PumpError>> {
+        // With the data, whether the source ended with it: asking h2 after would lock again.
+        match ready!(src.poll_data_end(cx)) {
+            Some(Ok((chunk, ended))) => {
+                let len = chunk.len();
+                if len == 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                if let Some(r) = replay {
+                    r.record(&chunk);
+                }
+                // The first frame goes unreserved (see `send_pending`); h2 reserves what a frame
+                // needs when it is sent, so reserving ahead for it costs a lock for nothing.
+                if self.sent_unreserved {
+                    dst.reserve_capacity(len);
+                }
+                self.src_ended = ended;
+                self.pending = Some((chunk, len));
+            }
+            Some(Err(e)) => return Poll::Ready(Err(PumpError::Src(e))),
+            None => self.state = PumpState::Trailers,
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Forwards the source's trailers (or ends the destination with an empty DATA frame if there are
+    /// none); ready with their `grpc-status`. A response without one gets INTERNAL, naming the upstream.
+    fn forward_trailers(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut RecvStream,
+        dst: &mut SendStream<Bytes>,
+        replay: Option<&mut Replay>,
+    ) -> Poll<Result<Option<Code>, PumpError>> {
+        let mut trailers = match ready!(src.poll_trailers(cx)) {
+            Ok(t) => t,
+            Err(e) => return Poll::Ready(Err(PumpError::Src(e))),
+        };
+        if let (Some(r), Some(_)) = (replay, &trailers) {
+            // Request trailers are not gRPC; such a call is not sent again.
+            r.give_up();
+        }
+        // One lookup of grpc-status (a custom header name: hashed byte by byte).
+        let mut code = trailers
+            .as_ref()
+            .and_then(|t| t.get(&GRPC_STATUS))
+            .map(Code::from_header);
+        if let (Some(endpoint), None) = (self.status_from, code) {
+            let status = missing_status(endpoint);
+            code = Some(status.code);
+            match &mut trailers {
+                Some(t) => status.write_to(t),
+                None => trailers = Some(status.to_trailers()),
+            }
+        }
+        self.state = PumpState::Done;
+        let result = match trailers {
+            Some(t) => dst.send_trailers(t).map(|()| code),
+            None => dst.send_data(Bytes::new(), true).map(|()| None),
+        };
+        Poll::Ready(result.map_err(|e| PumpError::Dst(Some(e))))
     }
 }
