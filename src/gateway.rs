@@ -214,6 +214,45 @@ impl Gateway {
     fn try_reload(&self, config: &Config) -> Result<(), String> {
         let control = &self.control;
         let mut inner = control.inner.lock();
+        self.check_no_restart_needed(&inner, config)?;
+        // Check everything that can fail before changing anything, so a reload is all or nothing.
+        let tls: Vec<_> = config
+            .listeners
+            .iter()
+            .map(|l| match &l.tls {
+                Some(t) => crate::tls::server_tls_config(t)
+                    .map(Some)
+                    .map_err(|e| format!("listener \"{}\": {e}", l.name)),
+                None => Ok(None),
+            })
+            .collect::<Result<_, _>>()?;
+        let wants_dns = config
+            .clusters
+            .iter()
+            .any(|c| c.source != EndpointSource::Static);
+        let resolver_changed = inner.dns != config.dns;
+        if wants_dns && (resolver_changed || inner.resolver.is_none()) {
+            inner.resolver = Some(discovery::resolver(&config.dns)?);
+        }
+        inner.dns = config.dns.clone();
+
+        update_cluster_states(&mut inner, &config.clusters, resolver_changed);
+        let names = inner.order.clone();
+        control.rebuild(&mut inner, &names);
+        for ((running, l), tls) in inner.listeners.iter_mut().zip(&config.listeners).zip(tls) {
+            running
+                .reload
+                .apply(l, Router::new(l, &control.shared), tls);
+            running.config = l.clone();
+        }
+        for name in &names {
+            control.start_background(&mut inner, name);
+        }
+        Ok(())
+    }
+
+    /// Refuses a config whose differences from the running one only a restart can apply.
+    fn check_no_restart_needed(&self, inner: &Inner, config: &Config) -> Result<(), String> {
         let old: Vec<_> = inner
             .listeners
             .iter()
@@ -237,71 +276,6 @@ impl Gateway {
         }
         if self.workers_config.1 != config.busy_poll {
             return Err("busy_poll changed; that needs a restart".into());
-        }
-        // Check everything that can fail before changing anything, so a reload is all or nothing.
-        let tls: Vec<_> = config
-            .listeners
-            .iter()
-            .map(|l| match &l.tls {
-                Some(t) => crate::tls::server_tls_config(t)
-                    .map(Some)
-                    .map_err(|e| format!("listener \"{}\": {e}", l.name)),
-                None => Ok(None),
-            })
-            .collect::<Result<_, _>>()?;
-        let wants_dns = config
-            .clusters
-            .iter()
-            .any(|c| c.source != EndpointSource::Static);
-        let resolver_changed = inner.dns != config.dns;
-        if wants_dns && (resolver_changed || inner.resolver.is_none()) {
-            inner.resolver = Some(discovery::resolver(&config.dns)?);
-        }
-        inner.dns = config.dns.clone();
-
-        // The endpoint set of each cluster: a static cluster's from the new config; a DNS cluster
-        // whose name stays keeps its last answer (its task goes on), otherwise it starts empty
-        // until its new task's first answer.
-        let mut states = std::mem::take(&mut inner.clusters);
-        for c in &config.clusters {
-            let mut state = states
-                .remove(&c.name)
-                .unwrap_or_else(|| ClusterState::new(c.clone()));
-            let same_source = state.config.source == c.source;
-            match &c.source {
-                EndpointSource::Static => state.endpoints = c.endpoints.clone(),
-                EndpointSource::Dns { .. } if same_source && !resolver_changed => {}
-                EndpointSource::Dns { .. } => {
-                    if let Some(d) = state.discovery.take() {
-                        d.cancel();
-                    }
-                    if !same_source {
-                        state.endpoints = Vec::new();
-                    }
-                }
-            }
-            if !same_source || resolver_changed {
-                if let Some(d) = state.discovery.take() {
-                    d.cancel();
-                }
-            }
-            state.config = c.clone();
-            inner.clusters.insert(c.name.clone(), state);
-        }
-        // What is left of `states` are clusters the new config removed; dropping them stops their
-        // checkers and DNS tasks.
-        drop(states);
-        inner.order = config.clusters.iter().map(|c| c.name.clone()).collect();
-        let names = inner.order.clone();
-        control.rebuild(&mut inner, &names);
-        for ((running, l), tls) in inner.listeners.iter_mut().zip(&config.listeners).zip(tls) {
-            running
-                .reload
-                .apply(l, Router::new(l, &control.shared), tls);
-            running.config = l.clone();
-        }
-        for name in &names {
-            control.start_background(&mut inner, name);
         }
         Ok(())
     }
@@ -532,6 +506,35 @@ impl Control {
             l.reload.set_router(Router::new(&l.config, &self.shared));
         }
     }
+}
+
+/// Brings the control state of every cluster to a reloaded config. The endpoint set of each
+/// cluster: a static cluster's from the new config; a DNS cluster whose name stays keeps its last
+/// answer (its task goes on, unless the resolver changed), otherwise it starts empty until its new
+/// task's first answer. Clusters the config no longer has are dropped, which stops their checkers
+/// and DNS tasks.
+fn update_cluster_states(inner: &mut Inner, configs: &[ClusterConfig], resolver_changed: bool) {
+    let mut states = std::mem::take(&mut inner.clusters);
+    for c in configs {
+        let mut state = states
+            .remove(&c.name)
+            .unwrap_or_else(|| ClusterState::new(c.clone()));
+        let same_source = state.config.source == c.source;
+        if !same_source || resolver_changed {
+            if let Some(d) = state.discovery.take() {
+                d.cancel();
+            }
+        }
+        match &c.source {
+            EndpointSource::Static => state.endpoints = c.endpoints.clone(),
+            EndpointSource::Dns { .. } if !same_source => state.endpoints = Vec::new(),
+            EndpointSource::Dns { .. } => {}
+        }
+        state.config = c.clone();
+        inner.clusters.insert(c.name.clone(), state);
+    }
+    drop(states);
+    inner.order = configs.iter().map(|c| c.name.clone()).collect();
 }
 
 /// Applies a DNS answer: the cluster's endpoint set becomes `endpoints`.
