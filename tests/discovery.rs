@@ -603,3 +603,49 @@ async fn no_slow_start_when_every_endpoint_is_new() {
         assert_eq!(e["weight"].as_f64(), Some(1.0), "{e}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_can_turn_a_dns_cluster_static_and_its_dns_task_stops() {
+    let (port, _pods) = pods().await;
+    let dns = DnsServer::start(&[ip(2), ip(3)]).await;
+    let gw = start(&dns_config(&dns, port, "")).await;
+    wait_endpoints(&gw, &addr_list(port, &[2, 3])).await;
+    let kept = gw.clusters()[0]
+        .endpoints
+        .iter()
+        .find(|e| e.address == format!("127.0.0.3:{port}"))
+        .unwrap()
+        .clone();
+
+    // Same cluster, now a static list with one of the two addresses: that endpoint is kept as is.
+    let static_text = dns_config(&dns, port, "").replace(
+        &format!("dns = \"echo-headless.test.svc.cluster.local:{port}\"\ndns_refresh = \"100ms\""),
+        &format!("endpoints = [\"127.0.0.3:{port}\"]"),
+    );
+    assert!(static_text.contains("endpoints = ["), "{static_text}");
+    gw.reload(parse(&static_text)).expect("reload");
+    let c = clusters(&gw).await;
+    assert_eq!(c["clusters"][0]["source"], "static");
+    let after = gw.clusters()[0].endpoints.clone();
+    assert_eq!(after.len(), 1);
+    assert!(
+        Arc::ptr_eq(&after[0], &kept),
+        "the kept endpoint was rebuilt"
+    );
+    let mut client = edge_client(&gw).await;
+    let r = bounded(client.unary(EchoRequest::default())).await.unwrap();
+    assert_eq!(r.into_inner().backend, "b3");
+
+    // The DNS task stopped: no more queries (one may have been in flight during the reload).
+    let queries = dns.queries.load(SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        dns.queries.load(SeqCst) <= queries + 2,
+        "DNS still queried after the cluster became static"
+    );
+    let s = scrape(&gw).await;
+    let gone = format!("127.0.0.2:{port}");
+    assert!(!s.samples.iter().any(
+        |x| x.metric == "grpcgate_endpoint_healthy" && x.labels.get("endpoint") == Some(&gone)
+    ));
+}
