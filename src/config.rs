@@ -96,6 +96,8 @@ pub enum BalancerKind {
     RoundRobin,
     JoinShortestQueue,
     LeastRequest,
+    /// Power of two choices over peak-EWMA latency × (calls in flight + 1).
+    PeakEwma,
 }
 
 impl BalancerKind {
@@ -105,12 +107,17 @@ impl BalancerKind {
             BalancerKind::RoundRobin => "round_robin",
             BalancerKind::JoinShortestQueue => "join_shortest_queue",
             BalancerKind::LeastRequest => "least_request",
+            BalancerKind::PeakEwma => "peak_ewma",
         }
     }
 
     /// All names accepted in `balancer = "..."`.
-    pub const NAMES: &'static [&'static str] =
-        &["round_robin", "join_shortest_queue", "least_request"];
+    pub const NAMES: &'static [&'static str] = &[
+        "round_robin",
+        "join_shortest_queue",
+        "least_request",
+        "peak_ewma",
+    ];
 }
 
 /// A named group of interchangeable upstream endpoints.
@@ -360,6 +367,7 @@ impl<'de> Deserialize<'de> for BalancerName {
             "round_robin" => BalancerKind::RoundRobin,
             "join_shortest_queue" => BalancerKind::JoinShortestQueue,
             "least_request" => BalancerKind::LeastRequest,
+            "peak_ewma" => BalancerKind::PeakEwma,
             other => {
                 return Err(de::Error::custom(format!(
                     "unknown balancer \"{other}\"; expected one of {}",

@@ -800,3 +800,45 @@ async fn connect_failover_spreads_evenly() {
     assert_eq!(counts.get("b0"), Some(&60), "{counts:?}");
     assert_eq!(counts.get("b1"), Some(&60), "{counts:?}");
 }
+
+// ---------------------------------------------------------------------------------------------------
+// peak_ewma: latency survives low concurrency
+// ---------------------------------------------------------------------------------------------------
+
+/// One caller, one call at a time: every endpoint has 0 calls in flight at each pick, so
+/// `least_request` cannot tell a backend 20× slower from its peer (about half the calls each), while
+/// `peak_ewma` ranks them by latency and sends the slow one only what its decay lets it re-try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_ewma_avoids_a_slow_backend_with_one_call_at_a_time() {
+    let fast = backend("fast", 5).await;
+    let slow = backend("slow", 100).await;
+    let mut shares = BTreeMap::new();
+    for balancer in ["least_request", "peak_ewma"] {
+        let gw = start(&gateway_config(
+            balancer,
+            &endpoint_list(&[&fast, &slow]),
+            "",
+        ))
+        .await;
+        let client = edge_client(&gw).await;
+        let counts = spread_calls(&client, 60, 1).await;
+        shares.insert(balancer, share(&counts, "slow"));
+        eprintln!("{balancer}: {counts:?}");
+    }
+    eprintln!("slow backend's share with one caller: {shares:?}");
+    assert!(
+        shares["least_request"] > 0.3,
+        "least_request cannot see latency at one call in flight: {shares:?}"
+    );
+    assert!(
+        shares["peak_ewma"] < 0.1,
+        "peak_ewma should route around the slow backend: {shares:?}"
+    );
+}
+
+/// Calls in flight are accounted for, and an unhealthy endpoint is never picked, with `peak_ewma`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_ewma_in_flight_and_health() {
+    in_flight_is_zero_after_mixed_outcomes("peak_ewma").await;
+    unhealthy_endpoint_is_never_picked("peak_ewma").await;
+}

@@ -46,13 +46,13 @@ impl Balance for LeastRequest {
 
 /// Draws an endpoint index at random, in proportion to weight: uniform when weights are equal,
 /// otherwise Vose's alias method (O(1) per draw).
-enum Sampler {
+pub(super) enum Sampler {
     Uniform(usize),
     Alias { prob: Vec<f64>, alias: Vec<u32> },
 }
 
 impl Sampler {
-    fn new(weights: &[u32]) -> Sampler {
+    pub(super) fn new(weights: &[u32]) -> Sampler {
         let n = weights.len();
         if weights.windows(2).all(|w| w[0] == w[1]) {
             return Sampler::Uniform(n);
@@ -81,7 +81,7 @@ impl Sampler {
     /// A sample that differs from `previous`, so two choices always compare two endpoints. Weighted:
     /// redraw a few times (keeping the draw proportional to weight), then take any other endpoint.
     #[inline]
-    fn sample_other_than(&self, previous: usize) -> usize {
+    pub(super) fn sample_other_than(&self, previous: usize) -> usize {
         let n = match self {
             Sampler::Uniform(n) => *n,
             Sampler::Alias { prob, .. } => prob.len(),

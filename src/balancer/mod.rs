@@ -9,10 +9,12 @@
 
 mod least_request;
 mod outlier;
+mod peak_ewma;
 mod round_robin;
 mod shortest_queue;
 
 pub use outlier::OutlierDetector;
+pub use peak_ewma::{Latency, PeakEwma};
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -62,6 +64,7 @@ pub fn build(config: &ClusterConfig, endpoints: &[Arc<Endpoint>]) -> Box<dyn Bal
         BalancerKind::RoundRobin => Box::new(RoundRobin::new(&weights)),
         BalancerKind::JoinShortestQueue => Box::new(JoinShortestQueue),
         BalancerKind::LeastRequest => Box::new(LeastRequest::new(&weights, config.choice_count)),
+        BalancerKind::PeakEwma => Box::new(PeakEwma::new(&weights)),
     }
 }
 
@@ -109,6 +112,8 @@ pub struct Endpoint {
     pub refused: IntCounter,
     /// `grpcgate_outlier_ejections_total` of this endpoint.
     pub(crate) ejections: IntCounter,
+    /// Response latency, for `peak_ewma` (fed only by clusters that use it).
+    pub latency: Latency,
 }
 
 impl Endpoint {
@@ -146,6 +151,7 @@ impl Endpoint {
             healthy_gauge,
             refused: metrics.refused(&cluster.name, &config.address),
             ejections: metrics.ejections(&cluster.name, &config.address),
+            latency: Latency::default(),
         }
     }
 
@@ -257,6 +263,8 @@ pub struct Cluster {
     pub balancer_kind: BalancerKind,
     /// Whether the endpoints come from DNS (for `/clusters`).
     pub from_dns: bool,
+    /// Whether the balancer ranks endpoints by latency, so calls must report theirs.
+    pub tracks_latency: bool,
     balancer: Box<dyn Balance>,
     available: Arc<AtomicUsize>,
     panic_threshold: u32,
@@ -378,6 +386,7 @@ impl Cluster {
             name: config.name.clone(),
             balancer_kind: config.balancer,
             from_dns: config.source != crate::config::EndpointSource::Static,
+            tracks_latency: config.balancer == BalancerKind::PeakEwma,
             balancer: build(config, &list),
             endpoints: list,
             available,

@@ -162,6 +162,12 @@ fn forward<'a>(
             Err(end) => return end,
         };
         let endpoint = &cluster.endpoints[idx];
+        if cluster.tracks_latency && matches!(response, Some(Ok(_))) {
+            // From the request's arrival to the response headers: a long stream does not read as
+            // a slow backend.
+            let now = Instant::now();
+            endpoint.latency.observe(now - start, now);
+        }
         let (down_send, up_body) = match forward_response_head(&mut call, endpoint, response) {
             Ok(streams) => streams,
             Err(code) => return (Some(idx), code),
