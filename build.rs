@@ -7,6 +7,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_protos(&["proto/echo.proto", "proto/health.proto"], &["proto"])?;
+        .compile_protos(
+            &[
+                "proto/echo.proto",
+                "proto/health.proto",
+                "proto/xds/data/orca/v3/orca_load_report.proto",
+            ],
+            &["proto"],
+        )?;
     Ok(())
 }

@@ -77,7 +77,12 @@ fn bench_group(
 fn picks(crit: &mut Criterion) {
     let equal = |_| None;
     let weighted = |i: usize| Some((i % 10) as u32 + 1);
-    for balancer in ["round_robin", "join_shortest_queue", "least_request", "peak_ewma"] {
+    for balancer in [
+        "round_robin",
+        "join_shortest_queue",
+        "least_request",
+        "peak_ewma",
+    ] {
         bench_group(crit, balancer, balancer, equal, false);
     }
     for balancer in ["round_robin", "least_request"] {

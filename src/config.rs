@@ -98,6 +98,8 @@ pub enum BalancerKind {
     LeastRequest,
     /// Power of two choices over peak-EWMA latency × (calls in flight + 1).
     PeakEwma,
+    /// Smooth weighted round robin over weights from the backends' ORCA load reports (gRFC A58).
+    WeightedRoundRobin,
 }
 
 impl BalancerKind {
@@ -108,6 +110,7 @@ impl BalancerKind {
             BalancerKind::JoinShortestQueue => "join_shortest_queue",
             BalancerKind::LeastRequest => "least_request",
             BalancerKind::PeakEwma => "peak_ewma",
+            BalancerKind::WeightedRoundRobin => "weighted_round_robin",
         }
     }
 
@@ -117,6 +120,7 @@ impl BalancerKind {
         "join_shortest_queue",
         "least_request",
         "peak_ewma",
+        "weighted_round_robin",
     ];
 }
 
@@ -144,6 +148,34 @@ pub struct ClusterConfig {
     /// Most calls in flight to the cluster through this proxy (Envoy's circuit breaker
     /// `max_requests`); a call over it gets RESOURCE_EXHAUSTED at once. None: no limit.
     pub max_requests: Option<u32>,
+    /// `weighted_round_robin`'s settings (named as gRPC names them).
+    pub orca: OrcaConfig,
+    /// Whether ORCA load-report trailers reach the client (removed by default).
+    pub forward_load_reports: bool,
+}
+
+/// How `weighted_round_robin` turns load reports into weights (gRFC A58).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OrcaConfig {
+    /// A new endpoint's (or one whose reports stopped and resumed) weight is used only after this.
+    pub blackout_period: Duration,
+    /// A weight whose last report is older than this is no longer used.
+    pub weight_expiration_period: Duration,
+    /// How often the weights are recomputed (at least 100 ms).
+    pub weight_update_period: Duration,
+    /// How much errors count against an endpoint: weight = qps / (utilization + eps / qps × this).
+    pub error_utilization_penalty: f64,
+}
+
+impl Default for OrcaConfig {
+    fn default() -> OrcaConfig {
+        OrcaConfig {
+            blackout_period: Duration::from_secs(10),
+            weight_expiration_period: Duration::from_secs(180),
+            weight_update_period: Duration::from_secs(1),
+            error_utilization_penalty: 1.0,
+        }
+    }
 }
 
 /// One upstream endpoint of a cluster.
@@ -309,6 +341,12 @@ struct RawCluster {
     connect_timeout: Option<Spanned<DurationStr>>,
     max_streams_per_connection: Option<Spanned<u32>>,
     max_requests: Option<Spanned<u32>>,
+    blackout_period: Option<Spanned<DurationStr>>,
+    weight_expiration_period: Option<Spanned<DurationStr>>,
+    weight_update_period: Option<Spanned<DurationStr>>,
+    error_utilization_penalty: Option<Spanned<f64>>,
+    #[serde(default)]
+    forward_load_reports: bool,
 }
 
 #[derive(Deserialize)]
@@ -368,6 +406,7 @@ impl<'de> Deserialize<'de> for BalancerName {
             "join_shortest_queue" => BalancerKind::JoinShortestQueue,
             "least_request" => BalancerKind::LeastRequest,
             "peak_ewma" => BalancerKind::PeakEwma,
+            "weighted_round_robin" => BalancerKind::WeightedRoundRobin,
             other => {
                 return Err(de::Error::custom(format!(
                     "unknown balancer \"{other}\"; expected one of {}",
@@ -735,7 +774,10 @@ fn validate_cluster(loc: &Locator, i: usize, c: &RawCluster) -> Result<ClusterCo
         Some(_) => Some(loc.duration(&c.slow_start, &key("slow_start"), Duration::ZERO)?),
         None => None,
     };
+    let orca = validate_orca(loc, &key, c)?;
     Ok(ClusterConfig {
+        orca,
+        forward_load_reports: c.forward_load_reports,
         source,
         slow_start,
         max_requests,
@@ -748,6 +790,84 @@ fn validate_cluster(loc: &Locator, i: usize, c: &RawCluster) -> Result<ClusterCo
         panic_threshold,
         connect_timeout,
         max_streams_per_connection,
+    })
+}
+
+/// Checks `weighted_round_robin`'s keys; they need that balancer.
+fn validate_orca(
+    loc: &Locator,
+    key: &dyn Fn(&str) -> String,
+    c: &RawCluster,
+) -> Result<OrcaConfig, ConfigError> {
+    let defaults = OrcaConfig::default();
+    if c.balancer.0 != BalancerKind::WeightedRoundRobin {
+        let set = [
+            (
+                "blackout_period",
+                c.blackout_period.as_ref().map(|s| s.span()),
+            ),
+            (
+                "weight_expiration_period",
+                c.weight_expiration_period.as_ref().map(|s| s.span()),
+            ),
+            (
+                "weight_update_period",
+                c.weight_update_period.as_ref().map(|s| s.span()),
+            ),
+            (
+                "error_utilization_penalty",
+                c.error_utilization_penalty.as_ref().map(|s| s.span()),
+            ),
+        ];
+        if let Some((name, Some(span))) = set.into_iter().find(|(_, s)| s.is_some()) {
+            return Err(loc.err(
+                Some(span),
+                &key(name),
+                format!("{name} needs balancer = \"weighted_round_robin\""),
+            ));
+        }
+        return Ok(defaults);
+    }
+    let weight_update_period = loc.duration(
+        &c.weight_update_period,
+        &key("weight_update_period"),
+        defaults.weight_update_period,
+    )?;
+    if weight_update_period < Duration::from_millis(100) {
+        let at = c
+            .weight_update_period
+            .as_ref()
+            .expect("set when below the default");
+        return Err(loc.at(
+            at,
+            &key("weight_update_period"),
+            "weight_update_period must be at least 100ms",
+        ));
+    }
+    let error_utilization_penalty = match &c.error_utilization_penalty {
+        None => defaults.error_utilization_penalty,
+        Some(p) if p.get_ref().is_finite() && *p.get_ref() >= 0.0 => *p.get_ref(),
+        Some(p) => {
+            return Err(loc.at(
+                p,
+                &key("error_utilization_penalty"),
+                "error_utilization_penalty must be a number >= 0",
+            ))
+        }
+    };
+    Ok(OrcaConfig {
+        blackout_period: match &c.blackout_period {
+            // Zero is allowed: weights used as soon as they arrive.
+            Some(b) => b.get_ref().0,
+            None => defaults.blackout_period,
+        },
+        weight_expiration_period: loc.duration(
+            &c.weight_expiration_period,
+            &key("weight_expiration_period"),
+            defaults.weight_expiration_period,
+        )?,
+        weight_update_period,
+        error_utilization_penalty,
     })
 }
 
@@ -1252,6 +1372,30 @@ endpoints = ["127.0.0.1:50051", "localhost:50052"]
         .unwrap_err()
         .to_string();
         assert!(e.contains("dns.nameservers[0]"), "{e}");
+    }
+
+    #[test]
+    fn weighted_round_robin_keys() {
+        let base = "[[listeners]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n[[clusters]]\nname = \"c\"\nendpoints = [\"127.0.0.1:1\"]\n";
+        let c = parse(&format!(
+            "{base}balancer = \"weighted_round_robin\"\nblackout_period = \"0s\"\nweight_update_period = \"200ms\"\nerror_utilization_penalty = 2.5\n"
+        ))
+        .unwrap();
+        let orca = c.clusters[0].orca;
+        assert_eq!(orca.blackout_period, Duration::ZERO);
+        assert_eq!(orca.weight_update_period, Duration::from_millis(200));
+        assert_eq!(orca.weight_expiration_period, Duration::from_secs(180));
+        assert_eq!(orca.error_utilization_penalty, 2.5);
+        let err = |extra: &str| parse(&format!("{base}{extra}")).unwrap_err().to_string();
+        let e = err("blackout_period = \"1s\"\n");
+        assert!(
+            e.contains("clusters[0].blackout_period") && e.contains("weighted_round_robin"),
+            "{e}"
+        );
+        let e = err("balancer = \"weighted_round_robin\"\nweight_update_period = \"50ms\"\n");
+        assert!(e.contains("at least 100ms"), "{e}");
+        let e = err("balancer = \"weighted_round_robin\"\nerror_utilization_penalty = -1.0\n");
+        assert!(e.contains("error_utilization_penalty"), "{e}");
     }
 
     #[test]

@@ -302,6 +302,31 @@ impl EchoBackend {
         delay: Duration,
         max_streams: Option<u32>,
     ) -> std::io::Result<EchoBackend> {
+        Self::start_full(addr, name, delay, max_streams, None).await
+    }
+
+    /// Starts a backend on 127.0.0.1 that reports itself `utilization` busy (0..1) in an ORCA load
+    /// report (`endpoint-load-metrics-bin`, with `rps_fractional` 100) in every response's trailers,
+    /// for `weighted_round_robin`.
+    pub async fn start_reporting(name: &str, utilization: f64) -> std::io::Result<EchoBackend> {
+        Self::start_full(
+            "127.0.0.1:0".parse().expect("addr"),
+            name,
+            Duration::ZERO,
+            None,
+            Some(utilization),
+        )
+        .await
+    }
+
+    async fn start_full(
+        addr: SocketAddr,
+        name: &str,
+        delay: Duration,
+        max_streams: Option<u32>,
+        utilization: Option<f64>,
+    ) -> std::io::Result<EchoBackend> {
+        let report = utilization.map(load_report);
         let std_listener = std::net::TcpListener::bind(addr)?;
         std_listener.set_nonblocking(true)?;
         let addr = std_listener.local_addr()?;
@@ -337,6 +362,17 @@ impl EchoBackend {
                         // tests/hostile_resets.rs's cancel-heavy client. Raised so that the tests
                         // measure the proxy, not this backend's limit.
                         .http2_max_pending_accept_reset_streams(Some(1000))
+                        .layer(tower::util::MapResponseLayer::new(
+                            move |resp: http::Response<tonic::body::BoxBody>| match &report {
+                                Some(r) => resp.map(|body| {
+                                    tonic::body::BoxBody::new(WithLoadReport {
+                                        inner: body,
+                                        report: r.clone(),
+                                    })
+                                }),
+                                None => resp,
+                            },
+                        ))
                         .add_service(health_service)
                         .add_service(
                             EchoServer::new(service)
@@ -385,5 +421,55 @@ impl EchoBackend {
 impl Drop for EchoBackend {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// The `endpoint-load-metrics-bin` value reporting `utilization` (as CPU utilization) at 100 qps.
+fn load_report(utilization: f64) -> http::HeaderValue {
+    use base64::Engine;
+    use prost::Message;
+    let report = crate::pb::orca::OrcaLoadReport {
+        cpu_utilization: utilization,
+        rps_fractional: 100.0,
+        ..Default::default()
+    };
+    let text = base64::engine::general_purpose::STANDARD.encode(report.encode_to_vec());
+    http::HeaderValue::from_str(&text).expect("base64 is a valid header value")
+}
+
+/// A response body whose trailers get the backend's load report.
+struct WithLoadReport {
+    inner: tonic::body::BoxBody,
+    report: http::HeaderValue,
+}
+
+impl http_body::Body for WithLoadReport {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let frame = match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            std::task::Poll::Ready(Some(Ok(frame))) => frame,
+            other => return other,
+        };
+        let frame = match frame.into_trailers() {
+            Ok(mut trailers) => {
+                trailers.insert("endpoint-load-metrics-bin", self.report.clone());
+                http_body::Frame::trailers(trailers)
+            }
+            Err(data) => data,
+        };
+        std::task::Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -79,6 +79,8 @@ struct ClusterState {
     discovery: Option<CancellationToken>,
     /// Whether a slow-start step is already scheduled.
     ramp_scheduled: bool,
+    /// `weighted_round_robin`'s weight updates, and the period they run at.
+    weights_task: Option<(Duration, CancellationToken)>,
 }
 
 impl Drop for ClusterState {
@@ -88,6 +90,9 @@ impl Drop for ClusterState {
         }
         if let Some(d) = &self.discovery {
             d.cancel();
+        }
+        if let Some((_, t)) = &self.weights_task {
+            t.cancel();
         }
     }
 }
@@ -101,6 +106,7 @@ impl ClusterState {
             checker_config: None,
             discovery: None,
             ramp_scheduled: false,
+            weights_task: None,
         }
     }
 }
@@ -472,6 +478,40 @@ impl Control {
         if state.ramp_scheduled {
             self.schedule_ramp(name, state);
         }
+        self.run_weight_updates(name, state);
+    }
+
+    /// Keeps a `weighted_round_robin` cluster's schedule following its endpoints' load reports:
+    /// recomputed every `weight_update_period`, off the call path.
+    fn run_weight_updates(&self, name: &str, state: &mut ClusterState) {
+        let wanted = (state.config.balancer == crate::config::BalancerKind::WeightedRoundRobin)
+            .then_some(state.config.orca.weight_update_period);
+        if state.weights_task.as_ref().map(|(p, _)| *p) == wanted {
+            return;
+        }
+        if let Some((_, t)) = state.weights_task.take() {
+            t.cancel();
+        }
+        let Some(period) = wanted else {
+            return;
+        };
+        let stop = self.stop.child_token();
+        let shared = self.shared.clone();
+        let (name, token) = (name.to_string(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = token.cancelled() => return,
+                }
+                if let Some(c) = shared.cluster(&name) {
+                    c.refresh_weights();
+                }
+            }
+        });
+        state.weights_task = Some((period, stop));
     }
 
     /// Builds the cluster's snapshot again after one slow-start step, with its endpoints' new weights.
@@ -567,5 +607,7 @@ fn empty_like(cluster: &Cluster) -> ClusterConfig {
         connect_timeout: Duration::from_secs(1),
         max_streams_per_connection: 1,
         max_requests: None,
+        orca: Default::default(),
+        forward_load_reports: false,
     }
 }

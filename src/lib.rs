@@ -40,6 +40,10 @@ pub mod pb {
     pub mod echo {
         tonic::include_proto!("echo");
     }
+    /// Backend load reports (ORCA, `xds.data.orca.v3.OrcaLoadReport`).
+    pub mod orca {
+        tonic::include_proto!("xds.data.orca.v3");
+    }
     /// The standard health-checking protocol (`grpc.health.v1.Health`).
     pub mod health {
         tonic::include_proto!("grpc.health.v1");

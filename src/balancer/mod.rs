@@ -12,9 +12,13 @@ mod outlier;
 mod peak_ewma;
 mod round_robin;
 mod shortest_queue;
+mod weighted_round_robin;
 
 pub use outlier::OutlierDetector;
 pub use peak_ewma::{Latency, PeakEwma};
+pub use weighted_round_robin::{
+    LoadReport, ReportedWeight, WeightedRoundRobin, LOAD_REPORT_BIN, LOAD_REPORT_TEXT,
+};
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -38,6 +42,10 @@ pub use shortest_queue::JoinShortestQueue;
 /// weights) and must be lock-free.
 pub trait Balance: Send + Sync {
     fn pick(&self, endpoints: &[Arc<Endpoint>], eligible: Eligible) -> Option<usize>;
+
+    /// Recomputes what the balancer derives from the endpoints' reported state (the control plane
+    /// calls it every `weight_update_period`; most balancers derive nothing).
+    fn refresh(&self, _endpoints: &[Arc<Endpoint>], _now: Instant) {}
 }
 
 /// Which endpoints a pick may return.
@@ -65,6 +73,9 @@ pub fn build(config: &ClusterConfig, endpoints: &[Arc<Endpoint>]) -> Box<dyn Bal
         BalancerKind::JoinShortestQueue => Box::new(JoinShortestQueue),
         BalancerKind::LeastRequest => Box::new(LeastRequest::new(&weights, config.choice_count)),
         BalancerKind::PeakEwma => Box::new(PeakEwma::new(&weights)),
+        BalancerKind::WeightedRoundRobin => {
+            Box::new(WeightedRoundRobin::new(config.orca, &weights))
+        }
     }
 }
 
@@ -114,7 +125,17 @@ pub struct Endpoint {
     pub(crate) ejections: IntCounter,
     /// Response latency, for `peak_ewma` (fed only by clusters that use it).
     pub latency: Latency,
+    /// The weight from the backend's load reports, for `weighted_round_robin`.
+    pub reported: ReportedWeight,
+    /// What to do with load-report trailers of this endpoint's responses: `REPORTS_*` bits, set
+    /// with each snapshot.
+    report_handling: std::sync::atomic::AtomicU8,
 }
+
+/// Load-report trailers are removed before the response reaches the client.
+const REPORTS_STRIP: u8 = 1;
+/// Load reports are recorded (the balancer uses them).
+const REPORTS_RECORD: u8 = 2;
 
 impl Endpoint {
     fn new(
@@ -152,6 +173,8 @@ impl Endpoint {
             refused: metrics.refused(&cluster.name, &config.address),
             ejections: metrics.ejections(&cluster.name, &config.address),
             latency: Latency::default(),
+            reported: ReportedWeight::default(),
+            report_handling: std::sync::atomic::AtomicU8::new(REPORTS_STRIP),
         }
     }
 
@@ -176,6 +199,26 @@ impl Endpoint {
         };
         self.weight.store(weight, Ordering::Relaxed);
         ramping
+    }
+
+    /// Handles the load report in a response's trailers (or trailers-only head) from this endpoint:
+    /// recorded when the balancer uses it, removed unless the cluster forwards them. One flag load
+    /// when the cluster does neither.
+    #[inline]
+    pub fn take_load_report(&self, trailers: &mut http::HeaderMap) {
+        let handling = self.report_handling.load(Ordering::Relaxed);
+        if handling == 0 {
+            return;
+        }
+        if handling & REPORTS_RECORD != 0 {
+            if let Some(report) = LoadReport::from_headers(trailers) {
+                self.reported.record(&report, Instant::now());
+            }
+        }
+        if handling & REPORTS_STRIP != 0 {
+            trailers.remove(LOAD_REPORT_BIN);
+            trailers.remove(LOAD_REPORT_TEXT);
+        }
     }
 
     /// Takes the endpoint out of its cluster's accounting: it gets no more calls (it is in no new
@@ -371,6 +414,16 @@ impl Cluster {
                     }
                 };
                 changes.ramping |= endpoint.set_weight(e.weight, config.slow_start, now);
+                let handling = if config.forward_load_reports {
+                    0
+                } else {
+                    REPORTS_STRIP
+                } | if config.balancer == BalancerKind::WeightedRoundRobin {
+                    REPORTS_RECORD
+                } else {
+                    0
+                };
+                endpoint.report_handling.store(handling, Ordering::Relaxed);
                 endpoint
             })
             .collect();
@@ -410,6 +463,8 @@ impl Cluster {
                 overflows: metrics.overflows(&config.name),
             }),
         };
+        // Carry reported weights (kept on the endpoints) into the new schedule at once.
+        cluster.balancer.refresh(&cluster.endpoints, now);
         (cluster, changes)
     }
 
@@ -431,6 +486,11 @@ impl Cluster {
     /// The cluster's `max_requests`, if set.
     pub fn max_requests(&self) -> Option<usize> {
         self.requests.as_ref().map(|r| r.max)
+    }
+
+    /// Recomputes balancer state derived from reports (`weighted_round_robin`'s schedule).
+    pub fn refresh_weights(&self) {
+        self.balancer.refresh(&self.endpoints, Instant::now());
     }
 
     /// Picks the endpoint for the next call: an available one, or any one in panic mode.

@@ -22,7 +22,7 @@ fn epoch() -> Instant {
     *EPOCH.get_or_init(Instant::now)
 }
 
-fn nanos_since_epoch(now: Instant) -> u64 {
+pub(super) fn nanos_since_epoch(now: Instant) -> u64 {
     now.saturating_duration_since(epoch()).as_nanos() as u64
 }
 

@@ -421,6 +421,9 @@ fn forward_response_head(
         );
         return fail(call, status);
     }
+    if trailers_only {
+        endpoint.take_load_report(&mut head.headers);
+    }
     if trailers_only && header_code.is_none() {
         missing_status(endpoint).write_to(&mut head.headers);
     }

@@ -208,6 +208,9 @@ impl<'a> Pump<'a> {
             // Request trailers are not gRPC; such a call is not sent again.
             r.give_up();
         }
+        if let (Some(endpoint), Some(t)) = (self.status_from, &mut trailers) {
+            endpoint.take_load_report(t);
+        }
         // One lookup of grpc-status (a custom header name: hashed byte by byte).
         let mut code = trailers
             .as_ref()
