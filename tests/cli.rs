@@ -210,7 +210,7 @@ endpoints = ["127.0.0.1:50053"]
 async fn check_rejects_an_unknown_balancer() {
     assert_check_fails(
         &good_with("\"round_robin\"", "\"rr\""),
-        "{path}:15:12: clusters[0].balancer: unknown balancer \"rr\"; expected one of round_robin, join_shortest_queue, least_request",
+        "{path}:15:12: clusters[0].balancer: unknown balancer \"rr\"; expected one of round_robin, join_shortest_queue, least_request, peak_ewma, weighted_round_robin",
     )
     .await;
 }

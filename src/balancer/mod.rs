@@ -556,7 +556,13 @@ pub(crate) mod tests {
 
     #[test]
     fn unavailable_endpoints_are_never_picked() {
-        for b in ["round_robin", "join_shortest_queue", "least_request"] {
+        for b in [
+            "round_robin",
+            "join_shortest_queue",
+            "least_request",
+            "peak_ewma",
+            "weighted_round_robin",
+        ] {
             let c = cluster(b, r#"["a:1", "b:1", "c:1"]"#);
             c.endpoints[1].set_healthy(false);
             c.endpoints[2].set_ejected(true);
