@@ -76,8 +76,23 @@ pub struct ListenerConfig {
     pub max_header_list_size: u32,
     /// A connection with no open stream for this long is closed (GOAWAY NO_ERROR).
     pub idle_timeout: Duration,
-    /// Time a new connection has to finish its TLS handshake and send the HTTP/2 preface.
+    /// Time a new connection has to finish its PROXY protocol header, TLS handshake and HTTP/2
+    /// preface.
     pub handshake_timeout: Duration,
+    /// Open connections beyond which a new one is closed at once (and counted).
+    pub max_connections: u32,
+    /// A connection is sent a graceful GOAWAY at this age (±10 %); None: never.
+    pub max_connection_age: Option<Duration>,
+    /// How long calls in flight may run on after the age's GOAWAY before the connection is closed.
+    pub max_connection_age_grace: Duration,
+    /// A PING is sent every this long ...
+    pub keepalive_interval: Duration,
+    /// ... and a peer that has not answered it within this long is closed.
+    pub keepalive_timeout: Duration,
+    /// Every connection must start with a PROXY protocol header (v1 or v2).
+    pub proxy_protocol: bool,
+    /// Append the client's address to `x-forwarded-for` on every forwarded call.
+    pub x_forwarded_for: bool,
 }
 
 /// One route: which calls it matches and where they go.
@@ -218,6 +233,12 @@ const DEFAULT_MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 /// drops it silently.
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+const DEFAULT_MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(30);
+/// With the timeout, a dead peer is noticed within 80 s, and a live idle one exchanges a PING every
+/// 60 s: well inside the 350 s after which an AWS NLB forgets an idle flow without telling anyone.
+const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Re-resolve a DNS cluster's name at least this often: a pod that became ready gets calls within
 /// this (plus a health check).
 const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(5);
@@ -266,6 +287,13 @@ struct RawListener {
     max_header_list_size: Option<Spanned<u32>>,
     idle_timeout: Option<Spanned<DurationStr>>,
     handshake_timeout: Option<Spanned<DurationStr>>,
+    max_connections: Option<Spanned<u32>>,
+    max_connection_age: Option<Spanned<DurationStr>>,
+    max_connection_age_grace: Option<Spanned<DurationStr>>,
+    keepalive_interval: Option<Spanned<DurationStr>>,
+    keepalive_timeout: Option<Spanned<DurationStr>>,
+    proxy_protocol: Option<bool>,
+    x_forwarded_for: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -967,10 +995,46 @@ fn validate_listener(
         &key("handshake_timeout"),
         DEFAULT_HANDSHAKE_TIMEOUT,
     )?;
+    let max_connections = loc.int(
+        &l.max_connections,
+        &key("max_connections"),
+        1..,
+        DEFAULT_MAX_CONNECTIONS,
+    )?;
+    let max_connection_age = match &l.max_connection_age {
+        Some(_) => Some(loc.duration(
+            &l.max_connection_age,
+            &key("max_connection_age"),
+            Duration::ZERO,
+        )?),
+        None => None,
+    };
+    let max_connection_age_grace = loc.duration(
+        &l.max_connection_age_grace,
+        &key("max_connection_age_grace"),
+        DEFAULT_MAX_CONNECTION_AGE_GRACE,
+    )?;
+    let keepalive_interval = loc.duration(
+        &l.keepalive_interval,
+        &key("keepalive_interval"),
+        DEFAULT_KEEPALIVE_INTERVAL,
+    )?;
+    let keepalive_timeout = loc.duration(
+        &l.keepalive_timeout,
+        &key("keepalive_timeout"),
+        DEFAULT_KEEPALIVE_TIMEOUT,
+    )?;
     Ok(ListenerConfig {
         max_header_list_size,
         idle_timeout,
         handshake_timeout,
+        max_connections,
+        max_connection_age,
+        max_connection_age_grace,
+        keepalive_interval,
+        keepalive_timeout,
+        proxy_protocol: l.proxy_protocol.unwrap_or(false),
+        x_forwarded_for: l.x_forwarded_for.unwrap_or(true),
         name,
         listen,
         tls,

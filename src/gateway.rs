@@ -159,7 +159,7 @@ impl Gateway {
         let mut bound = Vec::new();
         for l in &config.listeners {
             let router = Router::new(l, &shared);
-            bound.push(Listener::bind(l, router, metrics.downstream_connections(&l.name)).await?);
+            bound.push(Listener::bind(l, router, metrics.listener(&l.name)).await?);
         }
         let admin_addr = match &config.admin {
             Some(a) => Some(admin::spawn(a.listen, shared.clone(), admin_shutdown.clone()).await?),
