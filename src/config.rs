@@ -56,6 +56,15 @@ pub enum EndpointSource {
     },
 }
 
+/// Keepalive PINGs on an upstream connection: one every `interval`; a connection whose peer has not
+/// answered within `timeout` is closed (its calls fail) and leaves the pool, so a backend that
+/// vanished without a FIN (a node gone, a network partition) is noticed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
 /// The admin HTTP server (`/metrics`, `/healthz`, `/ready`).
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
@@ -149,6 +158,8 @@ pub struct ClusterConfig {
     pub connect_timeout: Duration,
     /// Most concurrent calls on one upstream connection (fewer if the endpoint announces fewer).
     pub max_streams_per_connection: u32,
+    /// PINGs on upstream connections (`keepalive_interval`, `keepalive_timeout`).
+    pub keepalive: Keepalive,
     /// Most calls in flight to the cluster through this proxy (Envoy's circuit breaker
     /// `max_requests`); a call over it gets RESOURCE_EXHAUSTED at once. None: no limit.
     pub max_requests: Option<u32>,
@@ -239,6 +250,9 @@ const DEFAULT_MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(30);
 /// 60 s: well inside the 350 s after which an AWS NLB forgets an idle flow without telling anyone.
 const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
 const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Upstream: grpc-go's default enforcement allows a client one PING every 5 minutes (see
+/// `upstream::drive`).
+const DEFAULT_UPSTREAM_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(300);
 /// Re-resolve a DNS cluster's name at least this often: a pod that became ready gets calls within
 /// this (plus a health check).
 const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(5);
@@ -330,6 +344,8 @@ struct RawCluster {
     connect_timeout: Option<Spanned<DurationStr>>,
     max_streams_per_connection: Option<Spanned<u32>>,
     max_requests: Option<Spanned<u32>>,
+    keepalive_interval: Option<Spanned<DurationStr>>,
+    keepalive_timeout: Option<Spanned<DurationStr>>,
 }
 
 #[derive(Deserialize)]
@@ -747,6 +763,18 @@ fn validate_cluster(loc: &Locator, i: usize, c: &RawCluster) -> Result<ClusterCo
         1..,
         DEFAULT_MAX_STREAMS_PER_CONNECTION,
     )?;
+    let keepalive = Keepalive {
+        interval: loc.duration(
+            &c.keepalive_interval,
+            &key("keepalive_interval"),
+            DEFAULT_UPSTREAM_KEEPALIVE_INTERVAL,
+        )?,
+        timeout: loc.duration(
+            &c.keepalive_timeout,
+            &key("keepalive_timeout"),
+            DEFAULT_KEEPALIVE_TIMEOUT,
+        )?,
+    };
     let max_requests = match &c.max_requests {
         Some(_) => Some(loc.int(&c.max_requests, &key("max_requests"), 1.., 0)?),
         None => None,
@@ -768,6 +796,7 @@ fn validate_cluster(loc: &Locator, i: usize, c: &RawCluster) -> Result<ClusterCo
         panic_threshold,
         connect_timeout,
         max_streams_per_connection,
+        keepalive,
     })
 }
 

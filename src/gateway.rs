@@ -563,6 +563,10 @@ fn empty_like(cluster: &Cluster) -> ClusterConfig {
         panic_threshold: 0,
         connect_timeout: Duration::from_secs(1),
         max_streams_per_connection: 1,
+        keepalive: crate::config::Keepalive {
+            interval: Duration::from_secs(300),
+            timeout: Duration::from_secs(20),
+        },
         max_requests: None,
     }
 }

@@ -693,3 +693,105 @@ async fn a_stalled_proxy_header_is_closed_after_the_handshake_timeout_while_othe
     )
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Upstream keepalive
+// ---------------------------------------------------------------------------------------------------
+
+/// A TCP relay in front of a backend that can make every connection it carries go silent at once,
+/// sockets left open: to the proxy, a backend that vanished without a FIN. Connections opened after
+/// a freeze are relayed normally.
+struct Relay {
+    addr: SocketAddr,
+    freeze: tokio::sync::watch::Sender<u64>,
+}
+
+impl Relay {
+    async fn start(to: SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (freeze, rx) = tokio::sync::watch::channel(0u64);
+        tokio::spawn(async move {
+            while let Ok((mut a, _)) = listener.accept().await {
+                let mut frozen = rx.clone();
+                let generation = *frozen.borrow();
+                tokio::spawn(async move {
+                    let Ok(mut b) = TcpStream::connect(to).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                        _ = async { frozen.wait_for(|g| *g > generation).await.is_ok() } => {
+                            // Hold both sockets open and relay nothing, for as long as the test runs.
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                });
+            }
+        });
+        Relay { addr, freeze }
+    }
+
+    fn freeze(&self) {
+        self.freeze.send_modify(|g| *g += 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_keepalive_drops_a_connection_to_a_backend_that_went_silent() {
+    let backends = backends(1).await;
+    let relay = Relay::start(backends[0].addr).await;
+    let text = config_text(
+        &[relay.addr],
+        "round_robin",
+        "",
+        "keepalive_interval = \"200ms\"\nkeepalive_timeout = \"200ms\"",
+    );
+    let gw = start(&text).await;
+    let mut client = edge_client(&gw).await;
+    let connections = |gw: &grpcgate::Gateway| gw.clusters()[0].endpoints[0].pool.connections();
+
+    bounded(client.unary(EchoRequest::default())).await.unwrap();
+    assert_eq!(connections(&gw), 1);
+    // Several keepalive rounds pass on a live connection: it stays.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(connections(&gw), 1, "a live connection was dropped");
+    bounded(client.unary(EchoRequest::default())).await.unwrap();
+
+    // A call in flight when the backend goes silent fails within interval + timeout (400 ms), not
+    // at its own 5 s; the connection leaves the pool.
+    let mut c = client.clone();
+    let slow = tokio::spawn(async move {
+        c.unary(EchoRequest {
+            delay_ms: 5000,
+            ..Default::default()
+        })
+        .await
+    });
+    bounded(async {
+        while backends[0]
+            .stats
+            .started
+            .load(std::sync::atomic::Ordering::SeqCst)
+            < 3
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    let frozen_at = tokio::time::Instant::now();
+    relay.freeze();
+    let r = bounded(slow).await.unwrap();
+    let failed_after = frozen_at.elapsed();
+    let status = r.expect_err("the call on the silent connection must fail");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        failed_after < Duration::from_millis(2500),
+        "failed after {failed_after:?}"
+    );
+    assert_eq!(connections(&gw), 0);
+    // The next call opens a new connection (the relay carries new connections) and succeeds.
+    bounded(client.unary(EchoRequest::default())).await.unwrap();
+    assert_eq!(connections(&gw), 1);
+    println!("the call on the silent connection failed after {failed_after:?}");
+}
