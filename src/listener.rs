@@ -416,11 +416,11 @@ impl ConnectionHandler {
         tokio::pin!(idle);
         let mut idle_closing = false;
         // Connection age: at the age (±10 %, so that a fleet's clients do not all reconnect at once)
-        // a graceful GOAWAY; at the age plus the grace, the close. Never fires when unset.
-        let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365 * 30);
-        let age = tokio::time::sleep_until(match limits.max_connection_age {
-            Some(age) => tokio::time::Instant::now() + age.mul_f64(0.9 + fastrand::f64() * 0.2),
-            None => far,
+        // a graceful GOAWAY; at the age plus the grace, the close. Not polled when unset.
+        let with_age = limits.max_connection_age.is_some();
+        let age = tokio::time::sleep(match limits.max_connection_age {
+            Some(age) => age.mul_f64(0.9 + fastrand::f64() * 0.2),
+            None => Duration::from_secs(86_400 * 365),
         });
         tokio::pin!(age);
         let mut aged = false;
@@ -441,7 +441,7 @@ impl ConnectionHandler {
                     conn.graceful_shutdown();
                     continue;
                 }
-                _ = &mut age => {
+                _ = &mut age, if with_age => {
                     if aged {
                         return Err(Closed::new("age", "closed: max_connection_age_grace expired with calls in flight"));
                     }

@@ -390,6 +390,42 @@ async fn a_tonic_channel_across_connection_age_rotations_loses_no_call_the_proxy
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_gets_goaway_no_error_and_is_counted() {
+    let (_backends, gw) = gateway_with("idle_timeout = \"200ms\"").await;
+    let addr = gw.listener_addr("edge").unwrap();
+    let mut raw = raw_h2::RawConn::connect(addr).await;
+    let started = tokio::time::Instant::now();
+    let (goaway, _) = raw
+        .until(|e| match e {
+            raw_h2::Event::GoAway {
+                last_stream, code, ..
+            } => Some((*last_stream, *code)),
+            _ => None,
+        })
+        .await;
+    assert_eq!(goaway, (0x7fff_ffff, 0));
+    assert!(started.elapsed() >= Duration::from_millis(180));
+    raw.until(|e| matches!(e, raw_h2::Event::Closed).then_some(()))
+        .await;
+    let labels = [("listener", "edge"), ("reason", "idle")];
+    let s = wait_sample(
+        &gw,
+        "grpcgate_downstream_connections_closed_total",
+        &labels,
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        sample(
+            &s,
+            "grpcgate_downstream_goaways_total",
+            &[("listener", "edge")]
+        ),
+        1.0
+    );
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Keepalive
 // ---------------------------------------------------------------------------------------------------
