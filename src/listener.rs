@@ -350,6 +350,8 @@ impl ConnectionHandler {
         let limits = self.limits.load_full();
         // One deadline for the PROXY header, the TLS handshake and the preface together.
         let handshake_by = tokio::time::Instant::now() + limits.handshake_timeout;
+        // A PROXY header without a client address: v2 LOCAL, what an NLB's own health checks send.
+        let mut from_balancer = false;
         let client = if limits.proxy_protocol {
             // Read before anything else, exactly (never into the ClientHello or the preface).
             match tokio::time::timeout_at(handshake_by, proxy_protocol::read_header(&mut tcp)).await
@@ -368,20 +370,37 @@ impl ConnectionHandler {
                     return Err(Closed::new("proxy_protocol", e));
                 }
                 // LOCAL (the balancer's own health check) and unknown families: the socket's peer.
-                Ok(Ok(client)) => client.unwrap_or(peer),
+                Ok(Ok(client)) => {
+                    from_balancer = client.is_none();
+                    client.unwrap_or(peer)
+                }
             }
         } else {
             peer
         };
-        match self.tls.load_full() {
+        let served = match self.tls.load_full() {
             None => Box::pin(self.serve_h2(tcp, client, &limits, handshake_by, shutdown)).await,
             Some(acceptor) => {
-                let tls = tokio::time::timeout_at(handshake_by, acceptor.accept(tcp))
-                    .await
-                    .map_err(|_| Closed::new("handshake", "TLS handshake timed out"))?
-                    .map_err(|e| Closed::new("handshake", format!("TLS handshake failed: {e}")))?;
-                Box::pin(self.serve_h2(tls, client, &limits, handshake_by, shutdown)).await
+                match tokio::time::timeout_at(handshake_by, acceptor.accept(tcp)).await {
+                    Err(_) => Err(Closed::new("handshake", "TLS handshake timed out")),
+                    Ok(Err(e)) => Err(Closed::new(
+                        "handshake",
+                        format!("TLS handshake failed: {e}"),
+                    )),
+                    Ok(Ok(tls)) => {
+                        Box::pin(self.serve_h2(tls, client, &limits, handshake_by, shutdown)).await
+                    }
+                }
             }
+        };
+        match served {
+            // A TCP health check behind the PROXY header: it connects and closes, every few seconds
+            // from every balancer node. Routine, not a failed handshake worth an info line.
+            Err(closed) if from_balancer && closed.reason == "handshake" => Err(Closed::new(
+                "client",
+                format!("{} (PROXY LOCAL: a balancer health check)", closed.detail),
+            )),
+            served => served,
         }
     }
 
