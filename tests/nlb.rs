@@ -360,6 +360,9 @@ async fn a_tonic_channel_across_connection_age_rotations_loses_no_call_the_proxy
                         Ok(Ok(_)) => ok += 1,
                         Ok(Err(s)) if unsent_in_client(&s) && attempts < 3 => {
                             unsent += 1;
+                            if s.code() != tonic::Code::Cancelled {
+                                eprintln!("sent again after {s:?}");
+                            }
                             continue;
                         }
                         Ok(Err(s)) => failed.push(format!("{s:?}")),
