@@ -56,6 +56,15 @@ pub enum EndpointSource {
     },
 }
 
+/// Keepalive PINGs on an upstream connection: one every `interval`; a connection whose peer has not
+/// answered within `timeout` is closed (its calls fail) and leaves the pool, so a backend that
+/// vanished without a FIN (a node gone, a network partition) is noticed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
 /// The admin HTTP server (`/metrics`, `/healthz`, `/ready`).
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
@@ -76,8 +85,23 @@ pub struct ListenerConfig {
     pub max_header_list_size: u32,
     /// A connection with no open stream for this long is closed (GOAWAY NO_ERROR).
     pub idle_timeout: Duration,
-    /// Time a new connection has to finish its TLS handshake and send the HTTP/2 preface.
+    /// Time a new connection has to finish its PROXY protocol header, TLS handshake and HTTP/2
+    /// preface.
     pub handshake_timeout: Duration,
+    /// Open connections beyond which a new one is closed at once (and counted).
+    pub max_connections: u32,
+    /// A connection is sent a graceful GOAWAY at this age (±10 %); None: never.
+    pub max_connection_age: Option<Duration>,
+    /// How long calls in flight may run on after the age's GOAWAY before the connection is closed.
+    pub max_connection_age_grace: Duration,
+    /// A PING is sent every this long ...
+    pub keepalive_interval: Duration,
+    /// ... and a peer that has not answered it within this long is closed.
+    pub keepalive_timeout: Duration,
+    /// Every connection must start with a PROXY protocol header (v1 or v2).
+    pub proxy_protocol: bool,
+    /// Append the client's address to `x-forwarded-for` on every forwarded call.
+    pub x_forwarded_for: bool,
 }
 
 /// One route: which calls it matches and where they go.
@@ -145,6 +169,8 @@ pub struct ClusterConfig {
     pub connect_timeout: Duration,
     /// Most concurrent calls on one upstream connection (fewer if the endpoint announces fewer).
     pub max_streams_per_connection: u32,
+    /// PINGs on upstream connections (`keepalive_interval`, `keepalive_timeout`).
+    pub keepalive: Keepalive,
     /// Most calls in flight to the cluster through this proxy (Envoy's circuit breaker
     /// `max_requests`); a call over it gets RESOURCE_EXHAUSTED at once. None: no limit.
     pub max_requests: Option<u32>,
@@ -257,6 +283,15 @@ const DEFAULT_MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 /// drops it silently.
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+const DEFAULT_MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(30);
+/// With the timeout, a dead peer is noticed within 80 s, and a live idle one exchanges a PING every
+/// 60 s: well inside the 350 s after which an AWS NLB forgets an idle flow without telling anyone.
+const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Upstream: grpc-go's default enforcement allows a client one PING every 5 minutes (see
+/// `upstream::drive`).
+const DEFAULT_UPSTREAM_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(300);
 /// Re-resolve a DNS cluster's name at least this often: a pod that became ready gets calls within
 /// this (plus a health check).
 const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(5);
@@ -305,6 +340,13 @@ struct RawListener {
     max_header_list_size: Option<Spanned<u32>>,
     idle_timeout: Option<Spanned<DurationStr>>,
     handshake_timeout: Option<Spanned<DurationStr>>,
+    max_connections: Option<Spanned<u32>>,
+    max_connection_age: Option<Spanned<DurationStr>>,
+    max_connection_age_grace: Option<Spanned<DurationStr>>,
+    keepalive_interval: Option<Spanned<DurationStr>>,
+    keepalive_timeout: Option<Spanned<DurationStr>>,
+    proxy_protocol: Option<bool>,
+    x_forwarded_for: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -347,6 +389,8 @@ struct RawCluster {
     error_utilization_penalty: Option<Spanned<f64>>,
     #[serde(default)]
     forward_load_reports: bool,
+    keepalive_interval: Option<Spanned<DurationStr>>,
+    keepalive_timeout: Option<Spanned<DurationStr>>,
 }
 
 #[derive(Deserialize)]
@@ -766,6 +810,18 @@ fn validate_cluster(loc: &Locator, i: usize, c: &RawCluster) -> Result<ClusterCo
         1..,
         DEFAULT_MAX_STREAMS_PER_CONNECTION,
     )?;
+    let keepalive = Keepalive {
+        interval: loc.duration(
+            &c.keepalive_interval,
+            &key("keepalive_interval"),
+            DEFAULT_UPSTREAM_KEEPALIVE_INTERVAL,
+        )?,
+        timeout: loc.duration(
+            &c.keepalive_timeout,
+            &key("keepalive_timeout"),
+            DEFAULT_KEEPALIVE_TIMEOUT,
+        )?,
+    };
     let max_requests = match &c.max_requests {
         Some(_) => Some(loc.int(&c.max_requests, &key("max_requests"), 1.., 0)?),
         None => None,
@@ -790,6 +846,7 @@ fn validate_cluster(loc: &Locator, i: usize, c: &RawCluster) -> Result<ClusterCo
         panic_threshold,
         connect_timeout,
         max_streams_per_connection,
+        keepalive,
     })
 }
 
@@ -1095,10 +1152,46 @@ fn validate_listener(
         &key("handshake_timeout"),
         DEFAULT_HANDSHAKE_TIMEOUT,
     )?;
+    let max_connections = loc.int(
+        &l.max_connections,
+        &key("max_connections"),
+        1..,
+        DEFAULT_MAX_CONNECTIONS,
+    )?;
+    let max_connection_age = match &l.max_connection_age {
+        Some(_) => Some(loc.duration(
+            &l.max_connection_age,
+            &key("max_connection_age"),
+            Duration::ZERO,
+        )?),
+        None => None,
+    };
+    let max_connection_age_grace = loc.duration(
+        &l.max_connection_age_grace,
+        &key("max_connection_age_grace"),
+        DEFAULT_MAX_CONNECTION_AGE_GRACE,
+    )?;
+    let keepalive_interval = loc.duration(
+        &l.keepalive_interval,
+        &key("keepalive_interval"),
+        DEFAULT_KEEPALIVE_INTERVAL,
+    )?;
+    let keepalive_timeout = loc.duration(
+        &l.keepalive_timeout,
+        &key("keepalive_timeout"),
+        DEFAULT_KEEPALIVE_TIMEOUT,
+    )?;
     Ok(ListenerConfig {
         max_header_list_size,
         idle_timeout,
         handshake_timeout,
+        max_connections,
+        max_connection_age,
+        max_connection_age_grace,
+        keepalive_interval,
+        keepalive_timeout,
+        proxy_protocol: l.proxy_protocol.unwrap_or(false),
+        x_forwarded_for: l.x_forwarded_for.unwrap_or(true),
         name,
         listen,
         tls,

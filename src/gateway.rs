@@ -165,7 +165,7 @@ impl Gateway {
         let mut bound = Vec::new();
         for l in &config.listeners {
             let router = Router::new(l, &shared);
-            bound.push(Listener::bind(l, router, metrics.downstream_connections(&l.name)).await?);
+            bound.push(Listener::bind(l, router, metrics.listener(&l.name)).await?);
         }
         let admin_addr = match &config.admin {
             Some(a) => Some(admin::spawn(a.listen, shared.clone(), admin_shutdown.clone()).await?),
@@ -606,6 +606,10 @@ fn empty_like(cluster: &Cluster) -> ClusterConfig {
         panic_threshold: 0,
         connect_timeout: Duration::from_secs(1),
         max_streams_per_connection: 1,
+        keepalive: crate::config::Keepalive {
+            interval: Duration::from_secs(300),
+            timeout: Duration::from_secs(20),
+        },
         max_requests: None,
         orca: Default::default(),
         forward_load_reports: false,

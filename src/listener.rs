@@ -9,13 +9,14 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
-use prometheus::IntGauge;
+use http::HeaderValue;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -23,11 +24,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ListenerConfig;
+use crate::metrics::ListenerMetrics;
 use crate::proxy;
 use crate::router::Router;
 use crate::tls::server_tls_config;
 use crate::upstream;
 use crate::worker::{self, Spawner};
+
+mod proxy_protocol;
 
 /// The HTTP/2 connection preface every h2 client sends first (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -72,7 +76,9 @@ struct ConnectionHandler {
     /// Swapped by a reload; each new connection reads the current one.
     limits: ArcSwap<Limits>,
     router: ArcSwap<Router>,
-    connections: IntGauge,
+    metrics: ListenerMetrics,
+    /// Connections open (counted from accept to close), against `max_connections`.
+    open: AtomicU32,
 }
 
 /// A listener's per-connection limits that a reload may change (for new connections).
@@ -80,6 +86,13 @@ struct Limits {
     max_header_list_size: u32,
     idle_timeout: Duration,
     handshake_timeout: Duration,
+    max_connections: u32,
+    max_connection_age: Option<Duration>,
+    max_connection_age_grace: Duration,
+    keepalive_interval: Duration,
+    keepalive_timeout: Duration,
+    proxy_protocol: bool,
+    x_forwarded_for: bool,
 }
 
 impl Limits {
@@ -88,6 +101,13 @@ impl Limits {
             max_header_list_size: config.max_header_list_size,
             idle_timeout: config.idle_timeout,
             handshake_timeout: config.handshake_timeout,
+            max_connections: config.max_connections,
+            max_connection_age: config.max_connection_age,
+            max_connection_age_grace: config.max_connection_age_grace,
+            keepalive_interval: config.keepalive_interval,
+            keepalive_timeout: config.keepalive_timeout,
+            proxy_protocol: config.proxy_protocol,
+            x_forwarded_for: config.x_forwarded_for,
         }
     }
 }
@@ -124,7 +144,7 @@ impl Listener {
     pub async fn bind(
         config: &ListenerConfig,
         router: Router,
-        connections: IntGauge,
+        metrics: ListenerMetrics,
     ) -> io::Result<Listener> {
         let tcp = bind(config.listen).map_err(|e| {
             io::Error::new(
@@ -151,7 +171,8 @@ impl Listener {
                 max_concurrent_streams: config.max_concurrent_streams,
                 limits: ArcSwap::from_pointee(Limits::of(config)),
                 router: ArcSwap::from_pointee(router),
-                connections,
+                metrics,
+                open: AtomicU32::new(0),
             }),
         })
     }
@@ -202,13 +223,24 @@ impl Listener {
                     continue;
                 }
             };
+            // Over the limit: closed at once, before any byte is read or a task is spawned. A
+            // load balancer in front sends the client elsewhere on its next attempt.
+            let max = handler.limits.load().max_connections;
+            if handler.open.fetch_add(1, Ordering::Relaxed) >= max {
+                handler.open.fetch_sub(1, Ordering::Relaxed);
+                handler.metrics.rejected.inc();
+                tracing::debug!(listener = %name, %peer, max, "max_connections reached; connection closed");
+                drop(tcp);
+                continue;
+            }
+            let open = OpenGuard(handler.clone());
             let _ = tcp.set_nodelay(true);
             let conn = handler.clone();
             let shutdown = shutdown.clone();
             // Tracked now, not when a worker first polls it, so a drain that starts in between waits.
             let target = workers.next_worker();
             if target == worker::current() {
-                tokio::spawn(tracker.track_future(conn.run(tcp, peer, shutdown)));
+                tokio::spawn(tracker.track_future(conn.run(tcp, peer, shutdown, open)));
                 continue;
             }
             // Move the socket to the other worker's reactor: the connection and its calls run there.
@@ -221,7 +253,7 @@ impl Listener {
             };
             let task = tracker.track_future(async move {
                 match TcpStream::from_std(tcp) {
-                    Ok(tcp) => conn.run(tcp, peer, shutdown).await,
+                    Ok(tcp) => conn.run(tcp, peer, shutdown, open).await,
                     Err(e) => {
                         tracing::warn!(listener = %conn.name, %peer, error = %e, "could not register the connection");
                     }
@@ -235,63 +267,165 @@ impl Listener {
     }
 }
 
+/// Counts a connection as open (for `max_connections`) from its accept until dropped.
+struct OpenGuard(Arc<ConnectionHandler>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why a connection ended, for the log and `grpcgate_downstream_connections_closed_total{reason}`.
+struct Closed {
+    reason: &'static str,
+    detail: String,
+}
+
+impl Closed {
+    fn new(reason: &'static str, detail: impl Into<String>) -> Closed {
+        Closed {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// The x-forwarded-for value a connection's calls carry: the client's IP address (no port, as Envoy
+/// and HAProxy write it).
+///
+/// Left indexable in HPACK (not `set_sensitive`). One client's calls repeat it, so once indexed in an
+/// upstream connection's dynamic table it costs one byte per call instead of a ~25-byte literal (its
+/// name is not in HPACK's static table). The cost: upstream connections carry many clients' calls,
+/// and the table (4 KiB, first in first out) holds some 60 of these 60-byte entries besides a call's
+/// usual fields. With more clients than that interleaving on one upstream connection each value is
+/// inserted again and pushes out older entries, the usual fields included, which are then sent once
+/// more as literals: a few bytes per call more than a never-indexed literal would cost. Fewer, busy
+/// clients (the common case for long-lived gRPC channels) gain far more than that. No secret is at
+/// stake: a client cannot observe the compressed size of another client's headers upstream.
+fn forwarded_for(client: SocketAddr) -> Option<HeaderValue> {
+    HeaderValue::from_str(&client.ip().to_canonical().to_string()).ok()
+}
+
 impl ConnectionHandler {
     /// Serves one accepted connection to its end, counted in the listener's connection gauge.
-    async fn run(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
-        self.connections.inc();
+    async fn run(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+        open: OpenGuard,
+    ) {
+        self.metrics.active.inc();
+        self.metrics.accepted.inc();
         match self.serve_connection(tcp, peer, shutdown).await {
-            Ok(()) => {}
-            // A client going away mid-connection is routine: one line each would flood the log under
-            // churn. Handshake failures and non-HTTP/2 clients are worth an operator's eye.
-            Err(reason) if reason.starts_with("connection error") => {
-                tracing::debug!(listener = %self.name, %peer, %reason, "connection closed")
-            }
-            Err(reason) => {
-                tracing::info!(listener = %self.name, %peer, %reason, "connection closed")
+            Ok(()) => self.metrics.closed("client"),
+            Err(closed) => {
+                self.metrics.closed(closed.reason);
+                let reason = closed.detail;
+                // A client going away mid-connection, and the lifecycle's own closes, are routine:
+                // one line each would flood the log under churn. Handshake failures and non-HTTP/2
+                // clients are worth an operator's eye.
+                if matches!(closed.reason, "client" | "age" | "idle" | "drain") {
+                    tracing::debug!(listener = %self.name, %peer, %reason, "connection closed")
+                } else {
+                    tracing::info!(listener = %self.name, %peer, %reason, "connection closed")
+                }
             }
         }
-        self.connections.dec();
+        // The slot first: once the gauge shows the connection gone, a new one is taken.
+        drop(open);
+        self.metrics.active.dec();
     }
 
     async fn serve_connection(
         &self,
-        tcp: TcpStream,
+        mut tcp: TcpStream,
         peer: SocketAddr,
         shutdown: CancellationToken,
-    ) -> Result<(), String> {
+    ) -> Result<(), Closed> {
         // Each branch is boxed at its own size: inline, every connection's task would be as large as
         // the largest (TLS) state, and a task is copied whole into its allocation when spawned, so
         // an idle plaintext connection would hold pages of TLS state it never uses.
         let limits = self.limits.load_full();
-        // One deadline for the TLS handshake and the preface together.
+        // One deadline for the PROXY header, the TLS handshake and the preface together.
         let handshake_by = tokio::time::Instant::now() + limits.handshake_timeout;
-        match self.tls.load_full() {
-            None => Box::pin(self.serve_h2(tcp, peer, &limits, handshake_by, shutdown)).await,
-            Some(acceptor) => {
-                let tls = tokio::time::timeout_at(handshake_by, acceptor.accept(tcp))
-                    .await
-                    .map_err(|_| "TLS handshake timed out".to_string())?
-                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
-                Box::pin(self.serve_h2(tls, peer, &limits, handshake_by, shutdown)).await
+        // A PROXY header without a client address: v2 LOCAL, what an NLB's own health checks send.
+        let mut from_balancer = false;
+        let client = if limits.proxy_protocol {
+            // Read before anything else, exactly (never into the ClientHello or the preface).
+            match tokio::time::timeout_at(handshake_by, proxy_protocol::read_header(&mut tcp)).await
+            {
+                Err(_) => {
+                    return Err(Closed::new(
+                        "handshake",
+                        format!(
+                            "no PROXY protocol header within {}ms",
+                            limits.handshake_timeout.as_millis()
+                        ),
+                    ))
+                }
+                Ok(Err(e)) => {
+                    self.metrics.proxy_protocol_rejected.inc();
+                    return Err(Closed::new("proxy_protocol", e));
+                }
+                // LOCAL (the balancer's own health check) and unknown families: the socket's peer.
+                Ok(Ok(client)) => {
+                    from_balancer = client.is_none();
+                    client.unwrap_or(peer)
+                }
             }
+        } else {
+            peer
+        };
+        let served = match self.tls.load_full() {
+            None => Box::pin(self.serve_h2(tcp, client, &limits, handshake_by, shutdown)).await,
+            Some(acceptor) => {
+                match tokio::time::timeout_at(handshake_by, acceptor.accept(tcp)).await {
+                    Err(_) => Err(Closed::new("handshake", "TLS handshake timed out")),
+                    Ok(Err(e)) => Err(Closed::new(
+                        "handshake",
+                        format!("TLS handshake failed: {e}"),
+                    )),
+                    Ok(Ok(tls)) => {
+                        Box::pin(self.serve_h2(tls, client, &limits, handshake_by, shutdown)).await
+                    }
+                }
+            }
+        };
+        match served {
+            // A TCP health check behind the PROXY header: it connects and closes, every few seconds
+            // from every balancer node. Routine, not a failed handshake worth an info line.
+            Err(closed) if from_balancer && closed.reason == "handshake" => Err(Closed::new(
+                "client",
+                format!("{} (PROXY LOCAL: a balancer health check)", closed.detail),
+            )),
+            served => served,
         }
     }
 
     async fn serve_h2<IO>(
         &self,
         io: IO,
-        peer: SocketAddr,
+        client: SocketAddr,
         limits: &Limits,
         handshake_by: tokio::time::Instant,
         shutdown: CancellationToken,
-    ) -> Result<(), String>
+    ) -> Result<(), Closed>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         // The handshake's state (preface check, h2's Handshake) is large and short-lived: boxed apart,
         // the future that lives as long as the connection holds little more than h2's connection.
-        let mut conn = Box::pin(self.h2_handshake(io, limits, handshake_by)).await?;
-        tracing::debug!(listener = %self.name, %peer, "connection established");
+        let mut conn = Box::pin(self.h2_handshake(io, limits, handshake_by))
+            .await
+            .map_err(|e| Closed::new("handshake", e))?;
+        tracing::debug!(listener = %self.name, %client, "connection established");
+        let forwarded_for = if limits.x_forwarded_for {
+            forwarded_for(client)
+        } else {
+            None
+        };
         let mut draining = false;
         // Idle check: when it fires with no stream open the connection is sent GOAWAY; with streams
         // open it is set again. So a connection closes between one and two idle timeouts after its
@@ -300,26 +434,91 @@ impl ConnectionHandler {
         let idle = tokio::time::sleep(limits.idle_timeout);
         tokio::pin!(idle);
         let mut idle_closing = false;
+        // Connection age: at the age (±10 %, so that a fleet's clients do not all reconnect at once)
+        // a graceful GOAWAY; at the age plus the grace, the close. Not polled when unset.
+        let with_age = limits.max_connection_age.is_some();
+        let age = tokio::time::sleep(match limits.max_connection_age {
+            Some(age) => age.mul_f64(0.9 + fastrand::f64() * 0.2),
+            None => Duration::from_secs(86_400 * 365),
+        });
+        tokio::pin!(age);
+        let mut aged = false;
+        // Keepalive: a PING every interval; a peer that has not answered one within the timeout is
+        // gone (a NAT or load balancer forgot the flow, the host died without a FIN) and is closed.
+        // The PINGs also keep an idle flow alive in a balancer that forgets idle flows.
+        let mut ping = conn.ping_pong();
+        let keepalive = tokio::time::sleep(limits.keepalive_interval);
+        tokio::pin!(keepalive);
+        let mut ping_out = false;
         loop {
             let next = tokio::select! {
                 next = conn.accept() => next,
                 _ = shutdown.cancelled(), if !draining => {
                     // GOAWAY; accept() keeps driving the connection until every open stream is done.
                     draining = true;
+                    self.metrics.goaways.inc();
                     conn.graceful_shutdown();
+                    continue;
+                }
+                _ = &mut age, if with_age => {
+                    if aged {
+                        return Err(Closed::new("age", "closed: max_connection_age_grace expired with calls in flight"));
+                    }
+                    aged = true;
+                    tracing::debug!(listener = %self.name, %client, "max_connection_age reached; GOAWAY");
+                    if !draining {
+                        draining = true;
+                        self.metrics.goaways.inc();
+                        // Two-step: GOAWAY(2^31-1) and a PING, then, once the PING is answered,
+                        // GOAWAY(last stream processed); accept() drives the streams in flight to
+                        // their end and then returns None.
+                        conn.graceful_shutdown();
+                    }
+                    age.as_mut().reset(tokio::time::Instant::now() + limits.max_connection_age_grace);
+                    continue;
+                }
+                r = std::future::poll_fn(|cx| match ping.as_mut() {
+                    Some(p) => p.poll_pong(cx),
+                    None => std::task::Poll::Pending,
+                }), if ping_out => {
+                    ping_out = false;
+                    if r.is_ok() {
+                        keepalive.as_mut().reset(tokio::time::Instant::now() + limits.keepalive_interval);
+                    }
+                    // An error is the connection's: accept() returns it next.
+                    continue;
+                }
+                _ = &mut keepalive => {
+                    if ping_out {
+                        return Err(Closed::new("keepalive", format!(
+                            "closed: PING not answered within {}ms",
+                            limits.keepalive_timeout.as_millis()
+                        )));
+                    }
+                    if let Some(p) = ping.as_mut() {
+                        if p.send_ping(h2::Ping::opaque()).is_ok() {
+                            ping_out = true;
+                        }
+                    }
+                    keepalive.as_mut().reset(tokio::time::Instant::now() + if ping_out {
+                        limits.keepalive_timeout
+                    } else {
+                        limits.keepalive_interval
+                    });
                     continue;
                 }
                 _ = &mut idle => {
                     if idle_closing {
-                        return Err("closed: GOAWAY (idle) not answered in time".into());
+                        return Err(Closed::new("idle", "closed: GOAWAY (idle) not answered in time"));
                     }
                     if conn.has_streams() {
                         idle.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
                     } else {
-                        tracing::debug!(listener = %self.name, %peer, "idle; closing");
+                        tracing::debug!(listener = %self.name, %client, "idle; closing");
                         idle_closing = true;
                         if !draining {
                             draining = true;
+                            self.metrics.goaways.inc();
                             conn.graceful_shutdown();
                         }
                         // A peer that never answers GOAWAY's PING (or sends half a header block
@@ -334,15 +533,31 @@ impl ConnectionHandler {
                     let router = self.router.load_full();
                     // Boxed: the task then holds a pointer, and tokio moves the task state several times
                     // per call (spawn, completion); moving a pointer is cheaper than ~3 KB of future.
-                    tokio::spawn(Box::pin(proxy::serve_stream(router, req, respond)));
+                    tokio::spawn(Box::pin(proxy::serve_stream(
+                        router,
+                        req,
+                        respond,
+                        forwarded_for.as_ref(),
+                    )));
                 }
                 Some(Err(e)) => {
                     if e.is_io() || e.is_go_away() {
-                        return Err(format!("connection error: {e}"));
+                        let reason = if e.is_io() || e.is_remote() {
+                            "client"
+                        } else if e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) {
+                            // Rapid resets, HPACK bombs, floods: h2's defences closed it.
+                            "abuse"
+                        } else {
+                            "error"
+                        };
+                        return Err(Closed::new(reason, format!("connection error: {e}")));
                     }
                     // A stream-level error was already answered with RST_STREAM by h2; keep going.
-                    tracing::debug!(listener = %self.name, %peer, error = %e, "stream error");
+                    tracing::debug!(listener = %self.name, %client, error = %e, "stream error");
                 }
+                None if aged => return Err(Closed::new("age", "closed: max_connection_age")),
+                None if idle_closing => return Err(Closed::new("idle", "closed: idle_timeout")),
+                None if draining => return Err(Closed::new("drain", "closed: drain")),
                 None => return Ok(()),
             }
         }

@@ -32,6 +32,38 @@ pub struct Metrics {
     overflows: IntCounterVec,
     dns: IntCounterVec,
     downstream_connections: IntGaugeVec,
+    downstream_accepted: IntCounterVec,
+    downstream_rejected: IntCounterVec,
+    downstream_closed: IntCounterVec,
+    goaways: IntCounterVec,
+    proxy_protocol_rejected: IntCounterVec,
+}
+
+/// A listener's connection metrics.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    /// Open connections.
+    pub active: IntGauge,
+    /// Connections accepted and served (those refused over `max_connections` are not).
+    pub accepted: IntCounter,
+    /// Connections closed at once because the listener had `max_connections` open.
+    pub rejected: IntCounter,
+    /// Graceful GOAWAYs sent (age, idle, drain).
+    pub goaways: IntCounter,
+    /// Connections closed because their PROXY protocol header was missing or invalid.
+    pub proxy_protocol_rejected: IntCounter,
+    closed: IntCounterVec,
+    listener: String,
+}
+
+impl ListenerMetrics {
+    /// Counts a closed connection by why it closed (`age`, `idle`, `keepalive`, `handshake`,
+    /// `proxy_protocol`, `drain`, `client`, `error`). Once per connection: the label lookup is fine.
+    pub fn closed(&self, reason: &str) {
+        self.closed
+            .with_label_values(&[&self.listener, reason])
+            .inc();
+    }
 }
 
 impl Metrics {
@@ -87,6 +119,34 @@ impl Metrics {
             &["listener"],
         )
         .expect("valid metric");
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+        };
+        let downstream_accepted = counter(
+            "grpcgate_downstream_connections_total",
+            "Client connections accepted and served (those refused over max_connections are not counted here).",
+            &["listener"],
+        );
+        let downstream_rejected = counter(
+            "grpcgate_downstream_connections_rejected_total",
+            "Client connections closed at once because the listener had max_connections open.",
+            &["listener"],
+        );
+        let downstream_closed = counter(
+            "grpcgate_downstream_connections_closed_total",
+            "Client connections closed, by reason: age, idle, keepalive, handshake, proxy_protocol, drain, client, error.",
+            &["listener", "reason"],
+        );
+        let goaways = counter(
+            "grpcgate_downstream_goaways_total",
+            "Graceful GOAWAYs sent to clients (max_connection_age, idle_timeout, drain).",
+            &["listener"],
+        );
+        let proxy_protocol_rejected = counter(
+            "grpcgate_proxy_protocol_rejected_total",
+            "Client connections closed because their PROXY protocol header was missing or invalid.",
+            &["listener"],
+        );
         let ejections = IntCounterVec::new(
             Opts::new(
                 "grpcgate_outlier_ejections_total",
@@ -128,6 +188,11 @@ impl Metrics {
         )
         .expect("valid metric");
         for c in [
+            &downstream_accepted,
+            &downstream_rejected,
+            &downstream_closed,
+            &goaways,
+            &proxy_protocol_rejected,
             &dns,
             &requests,
             &health_checks,
@@ -161,6 +226,11 @@ impl Metrics {
             overflows,
             dns,
             downstream_connections,
+            downstream_accepted,
+            downstream_rejected,
+            downstream_closed,
+            goaways,
+            proxy_protocol_rejected,
         })
     }
 
@@ -251,6 +321,19 @@ impl Metrics {
     /// The open-connections gauge of a listener.
     pub fn downstream_connections(&self, listener: &str) -> IntGauge {
         self.downstream_connections.with_label_values(&[listener])
+    }
+
+    /// The connection metrics of a listener.
+    pub fn listener(&self, listener: &str) -> ListenerMetrics {
+        ListenerMetrics {
+            active: self.downstream_connections(listener),
+            accepted: self.downstream_accepted.with_label_values(&[listener]),
+            rejected: self.downstream_rejected.with_label_values(&[listener]),
+            goaways: self.goaways.with_label_values(&[listener]),
+            proxy_protocol_rejected: self.proxy_protocol_rejected.with_label_values(&[listener]),
+            closed: self.downstream_closed.clone(),
+            listener: listener.to_string(),
+        }
     }
 }
 

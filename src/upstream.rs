@@ -99,10 +99,13 @@ struct Backoff {
     last_error: String,
 }
 
+pub use crate::config::Keepalive;
+
 /// The connections to one endpoint.
 pub struct Pool {
     address: String,
     connect_timeout: Duration,
+    keepalive: Keepalive,
     /// Our own cap on streams per connection; the peer's SETTINGS may lower it.
     max_streams: usize,
     conns: Mutex<Conns>,
@@ -182,10 +185,16 @@ impl Drop for Lease {
 
 impl Pool {
     /// An empty pool for `address` (`host:port`); connections open on first use.
-    pub fn new(address: &str, connect_timeout: Duration, max_streams: u32) -> Pool {
+    pub fn new(
+        address: &str,
+        connect_timeout: Duration,
+        max_streams: u32,
+        keepalive: Keepalive,
+    ) -> Pool {
         Pool {
             address: address.to_string(),
             connect_timeout,
+            keepalive,
             max_streams: max_streams as usize,
             conns: Mutex::new(Conns::default()),
             connecting: Mutex::new(HashMap::new()),
@@ -363,21 +372,28 @@ impl Pool {
                 .handshake::<_, Bytes>(tcp)
                 .await
                 .map_err(|e| format!("HTTP/2 handshake with {address} failed: {e}"))?;
-            let mut ping = connection.ping_pong().expect("ping_pong is taken once");
-            let closed = closed.clone();
-            let addr = address.clone();
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(endpoint = %addr, error = %e, "upstream connection ended");
-                }
-                closed.store(true, Ordering::Relaxed);
-            });
+            let ping = connection.ping_pong().expect("ping_pong is taken once");
+            let (first_pong, pong) = tokio::sync::oneshot::channel();
+            tokio::spawn(drive(
+                connection,
+                ping,
+                self.keepalive,
+                first_pong,
+                closed.clone(),
+                address.clone(),
+            ));
             // The peer's SETTINGS come before its PING ACK: once the pong is back, the connection's
             // stream limit is the peer's, and a burst of calls spreads over enough connections
             // instead of queueing on this one. It also proves the peer speaks HTTP/2.
-            ping.ping(h2::Ping::opaque())
-                .await
-                .map_err(|e| format!("HTTP/2 handshake with {address} failed: {e}"))?;
+            match pong.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(format!("HTTP/2 handshake with {address} failed: {e}")),
+                Err(_) => {
+                    return Err(format!(
+                        "HTTP/2 handshake with {address} failed: connection closed"
+                    ))
+                }
+            }
             Ok::<_, String>(send)
         };
         let send = tokio::time::timeout(self.connect_timeout, attempt)
@@ -397,4 +413,82 @@ impl Pool {
             used: AtomicBool::new(false),
         }))
     }
+}
+
+/// Drives one upstream connection to its end and keeps it alive: the handshake's PING (its answer
+/// goes to `first_pong`), then a PING every `keepalive.interval`; a peer that leaves one unanswered
+/// for `keepalive.timeout` is taken for dead and the connection is dropped (its streams fail, and
+/// `closed` takes it out of the pool). h2 answers the peer's own PINGs itself.
+///
+/// PINGs go out whether or not calls are in flight: an idle pooled connection to a backend that
+/// vanished would otherwise hold the next call until its deadline. A grpc-go backend with its default
+/// enforcement (pings no more often than every 5 minutes, none without calls) answers an idle
+/// connection's third PING with `GOAWAY(ENHANCE_YOUR_CALM, "too_many_pings")`: the connection leaves
+/// the pool and the next call opens another, which is why the default interval is 5 minutes.
+async fn drive(
+    mut connection: h2::client::Connection<TcpStream, Bytes>,
+    mut ping: h2::PingPong,
+    keepalive: Keepalive,
+    first_pong: tokio::sync::oneshot::Sender<Result<(), h2::Error>>,
+    closed: Arc<AtomicBool>,
+    address: String,
+) {
+    use std::future::poll_fn;
+    let mut first_pong = Some(first_pong);
+    // The first PING is the handshake's; then one every interval.
+    let mut ping_out = ping.send_ping(h2::Ping::opaque()).is_ok();
+    let timer = tokio::time::sleep(keepalive.timeout.max(Duration::from_secs(1)));
+    tokio::pin!(timer);
+    loop {
+        tokio::select! {
+            r = &mut connection => {
+                if let Err(e) = r {
+                    tracing::debug!(endpoint = %address, error = %e, "upstream connection ended");
+                    if let Some(tx) = first_pong.take() {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+                break;
+            }
+            r = poll_fn(|cx| ping.poll_pong(cx)), if ping_out => {
+                ping_out = false;
+                match r {
+                    Ok(_) => {
+                        if let Some(tx) = first_pong.take() {
+                            let _ = tx.send(Ok(()));
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(tx) = first_pong.take() {
+                            let _ = tx.send(Err(e));
+                        }
+                        // The connection's own error shows when it is polled next.
+                    }
+                }
+                timer.as_mut().reset(Instant::now() + keepalive.interval);
+            }
+            _ = &mut timer => {
+                if ping_out {
+                    if first_pong.is_some() {
+                        // The connect timeout, not this, bounds the handshake.
+                        timer.as_mut().reset(Instant::now() + keepalive.timeout);
+                        continue;
+                    }
+                    tracing::info!(
+                        endpoint = %address,
+                        timeout_ms = keepalive.timeout.as_millis() as u64,
+                        "upstream connection did not answer a PING in time; closing it"
+                    );
+                    break;
+                }
+                ping_out = ping.send_ping(h2::Ping::opaque()).is_ok();
+                timer.as_mut().reset(Instant::now() + if ping_out {
+                    keepalive.timeout
+                } else {
+                    keepalive.interval
+                });
+            }
+        }
+    }
+    closed.store(true, Ordering::Relaxed);
 }

@@ -152,9 +152,12 @@ async fn raw_call(
 }
 
 /// The headers of a map whose names start with `x-` or `grpc-`, in order, as raw bytes.
+/// (`x-forwarded-for` left out: the proxy adds the client's address to it, and the echo backend
+/// sends it back.)
 fn grpc_and_x(h: &HeaderMap) -> Vec<(String, Vec<u8>)> {
     h.iter()
         .filter(|(k, _)| k.as_str().starts_with("x-") || k.as_str().starts_with("grpc-"))
+        .filter(|(k, _)| k.as_str() != "x-forwarded-for")
         .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
         .collect()
 }
@@ -666,6 +669,25 @@ async fn raw_headers_and_trailers_identical_to_direct_call() {
             grpc_and_x(&proxied.headers),
             grpc_and_x(&direct.headers),
             "{path} headers"
+        );
+        // The one header the proxy adds (echoed back by the backend in the response head).
+        let xff = |r: &RawResponse| {
+            let mut v: Vec<_> = r
+                .headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .cloned()
+                .collect();
+            if let Some(t) = &r.trailers {
+                v.extend(t.get_all("x-forwarded-for").iter().cloned());
+            }
+            v
+        };
+        assert!(xff(&direct).is_empty(), "{path}");
+        let proxied_xff = xff(&proxied);
+        assert!(
+            !proxied_xff.is_empty() && proxied_xff.iter().all(|v| v == "127.0.0.1"),
+            "{path}: {proxied_xff:?}"
         );
         assert_eq!(
             proxied.headers.get("content-type"),

@@ -5,6 +5,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -513,5 +514,105 @@ async fn downstream_connections_gauge_counts_open_tls_connections() {
         down.is_ok(),
         "grpcgate_downstream_connections_active stayed at {} after the clients closed",
         active(&scrape(&gw).await)
+    );
+}
+
+/// PROXY protocol on a TLS listener: the header comes before the ClientHello, and the address it
+/// carries reaches the backend in x-forwarded-for. A TLS client without the header is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_header_before_the_client_hello() {
+    let pki = Pki::new();
+    let b = [EchoBackend::start("b0", Duration::ZERO).await.unwrap()];
+    let eps = format!("\"{}\"", b[0].addr);
+    let text = format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+
+[[listeners]]
+name = "edge"
+listen = "127.0.0.1:0"
+proxy_protocol = true
+
+[listeners.tls]
+cert = {cert:?}
+key = {key:?}
+
+[[listeners.routes]]
+cluster = "echo"
+
+[[clusters]]
+name = "echo"
+endpoints = [{eps}]
+"#,
+        cert = pki.path("server.crt").display().to_string(),
+        key = pki.path("server.key").display().to_string(),
+    );
+    let gw = start(&text).await;
+    let addr = gw.listener_addr("edge").unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pki.ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+
+    // v2 TCP4 from 203.0.113.5:40000, then the TLS handshake and HTTP/2 on the same socket.
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    header.extend_from_slice(&[203, 0, 113, 5, 127, 0, 0, 1]);
+    header.extend_from_slice(&40000u16.to_be_bytes());
+    header.extend_from_slice(&addr.port().to_be_bytes());
+    let mut tcp = bounded(TcpStream::connect(addr)).await.unwrap();
+    tcp.write_all(&header).await.unwrap();
+    let tls = bounded(connector.connect(name.clone(), tcp))
+        .await
+        .expect("TLS handshake after the PROXY header");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut h2, conn) = bounded(h2::client::handshake(tls)).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("https://localhost:{}/echo.Echo/Unary", addr.port()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    h2 = bounded(h2.ready()).await.unwrap();
+    let (resp, mut send) = h2.send_request(req, false).unwrap();
+    send.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    let resp = bounded(resp).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers().get("x-forwarded-for").unwrap(),
+        "203.0.113.5"
+    );
+
+    // Without the header, the ClientHello is taken for a bad header: no handshake.
+    let tcp = bounded(TcpStream::connect(addr)).await.unwrap();
+    let r = bounded(connector.connect(name, tcp)).await;
+    assert!(
+        r.is_err(),
+        "a TLS client without a PROXY header got through"
+    );
+    let s = scrape(&gw).await;
+    assert_eq!(
+        sample(
+            &s,
+            "grpcgate_proxy_protocol_rejected_total",
+            &[("listener", "edge")]
+        ),
+        1.0
     );
 }

@@ -31,7 +31,7 @@ use prometheus::{Histogram, IntCounter, IntGauge};
 
 use crate::config::{BalancerKind, ClusterConfig, EndpointConfig};
 use crate::metrics::Metrics;
-use crate::upstream::Pool;
+use crate::upstream::{Keepalive, Pool};
 
 pub use least_request::LeastRequest;
 pub use round_robin::RoundRobin;
@@ -159,6 +159,7 @@ impl Endpoint {
                 &config.address,
                 cluster.connect_timeout,
                 cluster.max_streams_per_connection,
+                cluster.keepalive,
             )),
             in_flight: AtomicUsize::new(0),
             healthy: AtomicBool::new(healthy),
@@ -312,7 +313,7 @@ pub struct Cluster {
     available: Arc<AtomicUsize>,
     panic_threshold: u32,
     /// What the endpoints' pools were built with; pools are only reused by a reload that keeps them.
-    pool_settings: (std::time::Duration, u32),
+    pool_settings: (std::time::Duration, u32, Keepalive),
     /// Passive outlier detection, when configured.
     pub outlier: Option<OutlierDetector>,
     /// `grpcgate_request_duration_seconds{cluster}`.
@@ -370,7 +371,11 @@ impl Cluster {
         previous: Option<&Cluster>,
     ) -> (Cluster, Changes) {
         let now = Instant::now();
-        let pool_settings = (config.connect_timeout, config.max_streams_per_connection);
+        let pool_settings = (
+            config.connect_timeout,
+            config.max_streams_per_connection,
+            config.keepalive,
+        );
         let reusable = previous.filter(|p| p.pool_settings == pool_settings);
         let available = previous.map(|p| p.available.clone()).unwrap_or_default();
         let start_healthy = config.health_check.as_ref().is_none_or(|h| h.start_healthy);
