@@ -146,7 +146,7 @@ max_ejection_percent = 50
 EOF
 "$GRPCGATE_BIN" --config "$WORK/metrics.toml" >"$WORK/grpcgate.log" 2>&1 &
 GG_PID=$!
-PIDS+=($GG_PID)
+PIDS+=("$GG_PID")
 scrape() { "$PY" -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode())' "$1"; }
 ready=""
 for _ in $(seq 100); do

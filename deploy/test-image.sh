@@ -166,10 +166,10 @@ for pkg in base-files libc6 libgcc-s1; do
     log "base: $(basename "$deb")"
 done
 # What distroless also leaves out: docs, locales, the glibc helpers no container uses.
-rm -rf "$ROOTFS/usr/share/doc" "$ROOTFS/usr/share/lintian" "$ROOTFS/usr/share/locale" \
-    "$ROOTFS/usr/share/man" "$ROOTFS/usr/share/info" "$ROOTFS/usr/share/common-licenses" \
-    "$ROOTFS/usr/bin" "$ROOTFS/sbin" "$ROOTFS/usr/sbin" "$ROOTFS/usr/lib/x86_64-linux-gnu/gconv" \
-    "$ROOTFS/usr/libexec"
+rm -rf "${ROOTFS:?}/usr/share/doc" "${ROOTFS:?}/usr/share/lintian" "${ROOTFS:?}/usr/share/locale" \
+    "${ROOTFS:?}/usr/share/man" "${ROOTFS:?}/usr/share/info" "${ROOTFS:?}/usr/share/common-licenses" \
+    "${ROOTFS:?}/usr/bin" "${ROOTFS:?}/sbin" "${ROOTFS:?}/usr/sbin" \
+    "${ROOTFS:?}/usr/lib/x86_64-linux-gnu/gconv" "${ROOTFS:?}/usr/libexec"
 cat >"$ROOTFS/etc/passwd" <<'EOF'
 root:x:0:0:root:/root:/sbin/nologin
 nobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin
