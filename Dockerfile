@@ -18,8 +18,9 @@
 #               base it makes with debootstrap, on machines that cannot pull images
 #   runtime     (the default, last stage) runtime-base + the binaries of the build stage
 #
-# Both base images can be overridden, e.g. to pin digests or use a mirror:
-#   --build-arg RUST_IMAGE=... --build-arg RUNTIME_IMAGE=...
+# Both base images can be overridden, e.g. to pin digests (recommended for production) or use a mirror:
+#   --build-arg RUST_IMAGE=... --build-arg RUNTIME_IMAGE=gcr.io/distroless/cc-debian12@sha256:...
+# Both are Debian 12 (bookworm), so the binary's glibc matches the runtime's.
 ARG RUST_IMAGE=docker.io/library/rust:1-bookworm
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:latest
 
