@@ -82,6 +82,18 @@ cp -a "$RUSTUP_HOME_HOST/toolchains/$toolchain" "$ROOTFS/usr/local/rustup/toolch
 printf 'version = "12"\ndefault_toolchain = "%s"\nprofile = "minimal"\n' "$toolchain" \
     >"$ROOTFS/usr/local/rustup/settings.toml"
 for b in rustup cargo rustc rustdoc; do cp -a "$CARGO_HOME_HOST/bin/$b" "$ROOTFS/usr/local/cargo/bin/"; done
+# PGO=1: benches/load/pgo.sh wants llvm-profdata in the toolchain (the llvm-tools component). Where that
+# component cannot be downloaded, LLVM_PROFDATA=/usr/lib/llvm-22/bin/llvm-profdata (Debian's llvm-22,
+# matching rustc's LLVM 22) is copied to where the component would put it.
+if [[ -n ${LLVM_PROFDATA:-} ]]; then
+    host=$(rustc -vV | sed -n 's/^host: //p')
+    install -D -m 0755 "$LLVM_PROFDATA" \
+        "$ROOTFS/usr/local/rustup/toolchains/$toolchain/lib/rustlib/$host/bin/llvm-profdata"
+    # Debian's llvm-profdata links libLLVM dynamically: bring its libraries along.
+    ldd "$LLVM_PROFDATA" | awk '/=> \// {print $3}' | while read -r lib; do
+        [[ -e $ROOTFS$lib ]] || install -D -m 0644 "$lib" "$ROOTFS$lib"
+    done
+fi
 cp /etc/ssl/certs/ca-certificates.crt "$ROOTFS/etc/ssl/certs/ca-certificates.crt"
 rm -rf "${ROOTFS:?}"/var/cache/apt/archives/*.deb
 timeout 600 tar -C "$ROOTFS" --numeric-owner -cf - . |
