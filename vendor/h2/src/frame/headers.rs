@@ -88,15 +88,8 @@ pub struct Pseudo {
     pub status: Option<StatusCode>,
 }
 
-#[cfg(any(test, fuzzing))] // grpcgate patch: `to_encoding` no longer uses it
-#[derive(Debug)]
-pub struct Iter {
-    /// Pseudo headers
-    pseudo: Option<Pseudo>,
-
-    /// Header fields
-    fields: header::IntoIter<HeaderValue>,
-}
+// grpcgate patch: upstream's `Iter` (the fields of a block as owned `hpack::Header`s, for
+// `Encoder::encode`) is gone: `to_encoding` encodes the fields from references.
 
 /// The decoded or to-be-encoded fields of a header block (grpcgate patch: `pub(crate)`, kept by a
 /// stream as its sent request head).
@@ -799,49 +792,6 @@ impl EncodingHeaderBlock {
     }
 }
 
-// ===== impl Iter =====
-
-#[cfg(any(test, fuzzing))]
-impl Iterator for Iter {
-    type Item = hpack::Header<Option<HeaderName>>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        use crate::hpack::Header::*;
-
-        if let Some(ref mut pseudo) = self.pseudo {
-            if let Some(method) = pseudo.method.take() {
-                return Some(Method(method));
-            }
-
-            if let Some(scheme) = pseudo.scheme.take() {
-                return Some(Scheme(scheme));
-            }
-
-            if let Some(authority) = pseudo.authority.take() {
-                return Some(Authority(authority));
-            }
-
-            if let Some(path) = pseudo.path.take() {
-                return Some(Path(path));
-            }
-
-            if let Some(protocol) = pseudo.protocol.take() {
-                return Some(Protocol(protocol));
-            }
-
-            if let Some(status) = pseudo.status.take() {
-                return Some(Status(status));
-            }
-        }
-
-        self.pseudo = None;
-
-        self.fields
-            .next()
-            .map(|(name, value)| Field { name, value })
-    }
-}
-
 // ===== impl HeadersFlag =====
 
 impl HeadersFlag {
@@ -1125,7 +1075,7 @@ impl HeaderBlock {
         hpack.clear();
 
         // grpcgate patch: encoded field by field from references (see `Encoder::encode_field`),
-        // in the order `Iter` yields them: pseudo-headers first, then the fields.
+        // in upstream's order: pseudo-headers first, then the fields.
         let dst = &mut hpack;
         encoder.begin_block(dst);
         let pseudo = &self.pseudo;
