@@ -1103,12 +1103,24 @@ impl HeaderBlock {
             let owned = || hpack::Header::Status(v);
             encoder.encode_field(Name::Status, v.as_str().as_bytes(), owned, dst);
         }
+        // The further values of a name (`HeaderMap::iter` yields them right after the first) are
+        // literals without indexing that reuse the first one's name index, as upstream encodes them
+        // (`encode_repeated_field`).
+        let mut prev: Option<(&http::HeaderName, Option<usize>)> = None;
         for (name, value) in self.fields.iter() {
+            if let Some((prev_name, name_idx)) = prev {
+                if prev_name == name {
+                    let (n, v) = (name.as_str().as_bytes(), value.as_bytes());
+                    encoder.encode_repeated_field(name_idx, n, v, value.is_sensitive(), dst);
+                    continue;
+                }
+            }
             let owned = || hpack::Header::Field {
                 name: name.clone(),
                 value: value.clone(),
             };
-            encoder.encode_field(Name::Field(name), value.as_bytes(), owned, dst);
+            let name_idx = encoder.encode_field(Name::Field(name), value.as_bytes(), owned, dst);
+            prev = Some((name, name_idx));
         }
 
         EncodingHeaderBlock { hpack }
@@ -1210,6 +1222,100 @@ mod test {
         assert_eq!("zomg", huff_decode(&dst[15..18]));
         assert_eq!(&[15, 47, 0x80 | 3], &dst[18..21]);
         assert_eq!("sup", huff_decode(&dst[21..]));
+    }
+
+    /// grpcgate patch: the frame encoder (`to_encoding`: field by field from references,
+    /// `Encoder::encode_field` and `encode_repeated_field`) writes the same bytes as upstream's
+    /// `Encoder::encode` given the same block as owned `hpack::Header`s in upstream's `Iter` order
+    /// (pseudo-headers, then each name with its further values nameless). Over a run of blocks on one
+    /// connection: repeated names, sensitive values, headers never indexed, headers too large to
+    /// index, evictions and table size updates.
+    #[test]
+    fn to_encoding_matches_encoder_encode() {
+        use crate::hpack::{BytesStr, Header};
+
+        const NAMES: &[&str] = &[
+            "content-type",
+            "grpc-status",
+            "grpc-message",
+            "grpc-timeout",
+            "te",
+            "user-agent",
+            "authorization",
+            "cookie",
+            "accept-encoding",
+            "x-request-id",
+            "x-b3-traceid",
+            "x-custom",
+        ];
+        const PATHS: &[&str] = &["/", "/echo.Echo/Unary", "/echo.Echo/ServerStream", "/a/b?c=d"];
+        let big = "x".repeat(3500);
+        let mut values: Vec<&str> = vec!["application/grpc", "0", "1", "trailers", "", "gzip"];
+        values.extend(["10S", "some value", "another, longer value; q=0.5"]);
+        values.push(&big);
+
+        // xorshift64: deterministic, no dependency.
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut rnd = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+
+        let mut by_frame = Encoder::default();
+        let mut by_iter = Encoder::default();
+        for block in 0..3000 {
+            if rnd(50) == 0 {
+                let size = [0, 64, 256, 1024, 4096][rnd(5)];
+                by_frame.update_max_size(size);
+                by_iter.update_max_size(size);
+            }
+            let mut pseudo = Pseudo::default();
+            if rnd(2) == 0 {
+                pseudo.method = Some(if rnd(2) == 0 { Method::GET } else { Method::POST });
+                pseudo.scheme = Some(BytesStr::from_static("https"));
+                let authority = ["example.com", "backend:50051"][rnd(2)];
+                pseudo.authority = Some(BytesStr::from(authority));
+                pseudo.path = Some(BytesStr::from(PATHS[rnd(PATHS.len())]));
+            } else {
+                pseudo.status = Some([StatusCode::OK, StatusCode::NOT_FOUND][rnd(2)]);
+            }
+            let mut fields = HeaderMap::new();
+            for _ in 0..rnd(8) {
+                let name = HeaderName::from_static(NAMES[rnd(NAMES.len())]);
+                let mut value = HeaderValue::from_str(values[rnd(values.len())]).unwrap();
+                value.set_sensitive(rnd(6) == 0);
+                fields.append(name, value);
+            }
+
+            // upstream's `Iter` order
+            let mut owned: Vec<Header<Option<HeaderName>>> = vec![];
+            if let Some(ref m) = pseudo.method {
+                owned.push(Header::Method(m.clone()));
+            }
+            if let Some(ref v) = pseudo.scheme {
+                owned.push(Header::Scheme(v.clone()));
+            }
+            if let Some(ref v) = pseudo.authority {
+                owned.push(Header::Authority(v.clone()));
+            }
+            if let Some(ref v) = pseudo.path {
+                owned.push(Header::Path(v.clone()));
+            }
+            if let Some(s) = pseudo.status {
+                owned.push(Header::Status(s));
+            }
+            for (name, value) in fields.clone() {
+                owned.push(Header::Field { name, value });
+            }
+            let mut expected = BytesMut::new();
+            by_iter.encode(owned, &mut expected);
+
+            let headers = Headers::new(StreamId::from(1), pseudo, fields);
+            let got = headers.header_block.to_encoding(&mut by_frame).hpack;
+            assert_eq!(got, expected, "block {block}: {:?}", headers.header_block);
+        }
     }
 
     fn huff_decode(src: &[u8]) -> BytesMut {
