@@ -108,6 +108,17 @@ run() {
 run cargo test "${locked[@]}" --no-fail-fast -p h2 "${extra[@]}"
 # upstream's integration suite.
 run cargo test "${locked[@]}" --no-fail-fast -p h2-tests "${extra[@]}"
+# The fork as a patch series over the published release (vendor/h2-patches.sh). Not fatal: a branch
+# that changes vendor/h2 regenerates the series after committing (`bash vendor/h2-patches.sh generate`);
+# H2_CHECK_SERIES=strict makes a stale series fail this script.
+printf '\n==== h2 suite: bash vendor/h2-patches.sh check ====\n'
+if ! bash "$root/vendor/h2-patches.sh" check; then
+    if [[ ${H2_CHECK_SERIES:-} == strict ]]; then
+        status=1
+    else
+        echo "warning: vendor/h2-patches/ does not reproduce vendor/h2 (bash vendor/h2-patches.sh generate)" >&2
+    fi
+fi
 if [[ $status -ne 0 ]]; then
     echo "h2 suite: FAILED (see above)" >&2
 fi
