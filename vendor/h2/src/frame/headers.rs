@@ -1224,6 +1224,26 @@ mod test {
         assert_eq!("sup", huff_decode(&dst[21..]));
     }
 
+    /// grpcgate patch (deliberate wire change, PATCHES.md): `:path` goes into the dynamic table
+    /// (literal with incremental indexing, `0x44`), where upstream sends it without indexing
+    /// (`0x04`) every time; a repeated path is then one byte (`0xbe`, dynamic index 62).
+    #[test]
+    fn path_is_indexed() {
+        let mut encoder = Encoder::default();
+        let block = || {
+            let mut pseudo = Pseudo::default();
+            pseudo.method = Some(Method::POST);
+            pseudo.scheme = Some(crate::hpack::BytesStr::from_static("https"));
+            pseudo.path = Some(crate::hpack::BytesStr::from("/echo.Echo/Unary"));
+            Headers::new(StreamId::from(1), pseudo, HeaderMap::new())
+        };
+        let first = block().header_block.to_encoding(&mut encoder).hpack;
+        // :method POST (static 3), :scheme https (static 7), then :path, name static 4, indexed
+        assert_eq!(&first[..3], &[0x83, 0x87, 0x44]);
+        let second = block().header_block.to_encoding(&mut encoder).hpack;
+        assert_eq!(&second[..], &[0x83, 0x87, 0xbe]);
+    }
+
     /// grpcgate patch: the frame encoder (`to_encoding`: field by field from references,
     /// `Encoder::encode_field` and `encode_repeated_field`) writes the same bytes as upstream's
     /// `Encoder::encode` given the same block as owned `hpack::Header`s in upstream's `Iter` order
