@@ -58,16 +58,16 @@ async fn client_error_goaway_fails_streams_at_once() {
             .unwrap();
         let h2 = tokio::spawn(h2);
         let e1 = rsp1.await.expect_err("stream 1");
-        assert!(e1.is_io(), "{e1:?}");
+        assert!(e1.is_io(), "{:?}", e1);
         let msg = e1.to_string();
-        assert!(msg.contains("COMPRESSION_ERROR"), "{msg}");
-        assert!(msg.contains("header block too large"), "{msg}");
+        assert!(msg.contains("COMPRESSION_ERROR"), "{}", msg);
+        assert!(msg.contains("header block too large"), "{}", msg);
         // Above last_stream_id: unprocessed, failed with the GOAWAY itself (as upstream does).
         let e3 = rsp3.await.expect_err("stream 3");
-        assert!(e3.is_go_away() && e3.is_remote(), "{e3:?}");
-        assert_eq!(e3.reason(), Some(Reason::COMPRESSION_ERROR), "{e3:?}");
+        assert!(e3.is_go_away() && e3.is_remote(), "{:?}", e3);
+        assert_eq!(e3.reason(), Some(Reason::COMPRESSION_ERROR), "{:?}", e3);
         let e = h2.await.unwrap().expect_err("connection");
-        assert!(e.is_go_away() && e.is_remote(), "{e:?}");
+        assert!(e.is_go_away() && e.is_remote(), "{:?}", e);
         assert_eq!(e.reason(), Some(Reason::COMPRESSION_ERROR));
     };
 
@@ -156,7 +156,7 @@ async fn retryable_request_head_comes_back_when_refused() {
             .map_err(|(e, _)| e)
             .unwrap();
         let e = (&mut rsp).await.unwrap_err();
-        assert_eq!(e.reason(), Some(Reason::REFUSED_STREAM), "{e:?}");
+        assert_eq!(e.reason(), Some(Reason::REFUSED_STREAM), "{:?}", e);
         let head = rsp.take_request_head().expect("refused request's head");
         assert_eq!(head.method(), Method::GET);
         assert_eq!(head.uri(), "https://a.example/one");
@@ -176,7 +176,7 @@ async fn retryable_request_head_comes_back_when_refused() {
             .map_err(|(e, _)| e)
             .unwrap();
         let e = (&mut rsp).await.unwrap_err();
-        assert!(e.is_go_away() && e.is_remote(), "{e:?}");
+        assert!(e.is_go_away() && e.is_remote(), "{:?}", e);
         let head = rsp
             .take_request_head()
             .expect("request above last_stream_id");
@@ -187,7 +187,7 @@ async fn retryable_request_head_comes_back_when_refused() {
             .send_retryable_request(get("https://a.example/four"), true)
             .map(|_| ())
             .unwrap_err();
-        assert!(e.is_go_away() || e.is_io(), "{e:?}");
+        assert!(e.is_go_away() || e.is_io(), "{:?}", e);
         assert_eq!(req.expect("unsent request").uri(), "https://a.example/four");
         drop(client);
         h2.await.unwrap().unwrap();
