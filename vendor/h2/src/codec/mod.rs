@@ -157,7 +157,7 @@ where
     }
 
     /// grpcgate patch: buffers a request's HEADERS and gives its block back (`keep_block`).
-    pub fn buffer_kept_headers(&mut self, item: frame::Headers) -> Box<frame::HeaderBlock> {
+    pub(crate) fn buffer_kept_headers(&mut self, item: frame::Headers) -> Box<frame::HeaderBlock> {
         self.framed_write().buffer_kept_headers(item)
     }
 

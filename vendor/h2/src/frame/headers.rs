@@ -88,15 +88,8 @@ pub struct Pseudo {
     pub status: Option<StatusCode>,
 }
 
-#[cfg(any(test, fuzzing))] // grpcgate patch: `to_encoding` no longer uses it
-#[derive(Debug)]
-pub struct Iter {
-    /// Pseudo headers
-    pseudo: Option<Pseudo>,
-
-    /// Header fields
-    fields: header::IntoIter<HeaderValue>,
-}
+// grpcgate patch: upstream's `Iter` (the fields of a block as owned `hpack::Header`s, for
+// `Encoder::encode`) is gone: `to_encoding` encodes the fields from references.
 
 /// The decoded or to-be-encoded fields of a header block (grpcgate patch: `pub(crate)`, kept by a
 /// stream as its sent request head).
@@ -799,49 +792,6 @@ impl EncodingHeaderBlock {
     }
 }
 
-// ===== impl Iter =====
-
-#[cfg(any(test, fuzzing))]
-impl Iterator for Iter {
-    type Item = hpack::Header<Option<HeaderName>>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        use crate::hpack::Header::*;
-
-        if let Some(ref mut pseudo) = self.pseudo {
-            if let Some(method) = pseudo.method.take() {
-                return Some(Method(method));
-            }
-
-            if let Some(scheme) = pseudo.scheme.take() {
-                return Some(Scheme(scheme));
-            }
-
-            if let Some(authority) = pseudo.authority.take() {
-                return Some(Authority(authority));
-            }
-
-            if let Some(path) = pseudo.path.take() {
-                return Some(Path(path));
-            }
-
-            if let Some(protocol) = pseudo.protocol.take() {
-                return Some(Protocol(protocol));
-            }
-
-            if let Some(status) = pseudo.status.take() {
-                return Some(Status(status));
-            }
-        }
-
-        self.pseudo = None;
-
-        self.fields
-            .next()
-            .map(|(name, value)| Field { name, value })
-    }
-}
-
 // ===== impl HeadersFlag =====
 
 impl HeadersFlag {
@@ -1125,7 +1075,7 @@ impl HeaderBlock {
         hpack.clear();
 
         // grpcgate patch: encoded field by field from references (see `Encoder::encode_field`),
-        // in the order `Iter` yields them: pseudo-headers first, then the fields.
+        // in upstream's order: pseudo-headers first, then the fields.
         let dst = &mut hpack;
         encoder.begin_block(dst);
         let pseudo = &self.pseudo;
@@ -1153,12 +1103,24 @@ impl HeaderBlock {
             let owned = || hpack::Header::Status(v);
             encoder.encode_field(Name::Status, v.as_str().as_bytes(), owned, dst);
         }
+        // The further values of a name (`HeaderMap::iter` yields them right after the first) are
+        // literals without indexing that reuse the first one's name index, as upstream encodes them
+        // (`encode_repeated_field`).
+        let mut prev: Option<(&http::HeaderName, Option<usize>)> = None;
         for (name, value) in self.fields.iter() {
+            if let Some((prev_name, name_idx)) = prev {
+                if prev_name == name {
+                    let (n, v) = (name.as_str().as_bytes(), value.as_bytes());
+                    encoder.encode_repeated_field(name_idx, n, v, value.is_sensitive(), dst);
+                    continue;
+                }
+            }
             let owned = || hpack::Header::Field {
                 name: name.clone(),
                 value: value.clone(),
             };
-            encoder.encode_field(Name::Field(name), value.as_bytes(), owned, dst);
+            let name_idx = encoder.encode_field(Name::Field(name), value.as_bytes(), owned, dst);
+            prev = Some((name, name_idx));
         }
 
         EncodingHeaderBlock { hpack }
@@ -1260,6 +1222,120 @@ mod test {
         assert_eq!("zomg", huff_decode(&dst[15..18]));
         assert_eq!(&[15, 47, 0x80 | 3], &dst[18..21]);
         assert_eq!("sup", huff_decode(&dst[21..]));
+    }
+
+    /// grpcgate patch (deliberate wire change, PATCHES.md): `:path` goes into the dynamic table
+    /// (literal with incremental indexing, `0x44`), where upstream sends it without indexing
+    /// (`0x04`) every time; a repeated path is then one byte (`0xbe`, dynamic index 62).
+    #[test]
+    fn path_is_indexed() {
+        let mut encoder = Encoder::default();
+        let block = || {
+            let mut pseudo = Pseudo::default();
+            pseudo.method = Some(Method::POST);
+            pseudo.scheme = Some(crate::hpack::BytesStr::from_static("https"));
+            pseudo.path = Some(crate::hpack::BytesStr::from("/echo.Echo/Unary"));
+            Headers::new(StreamId::from(1), pseudo, HeaderMap::new())
+        };
+        let first = block().header_block.to_encoding(&mut encoder).hpack;
+        // :method POST (static 3), :scheme https (static 7), then :path, name static 4, indexed
+        assert_eq!(&first[..3], &[0x83, 0x87, 0x44]);
+        let second = block().header_block.to_encoding(&mut encoder).hpack;
+        assert_eq!(&second[..], &[0x83, 0x87, 0xbe]);
+    }
+
+    /// grpcgate patch: the frame encoder (`to_encoding`: field by field from references,
+    /// `Encoder::encode_field` and `encode_repeated_field`) writes the same bytes as upstream's
+    /// `Encoder::encode` given the same block as owned `hpack::Header`s in upstream's `Iter` order
+    /// (pseudo-headers, then each name with its further values nameless). Over a run of blocks on one
+    /// connection: repeated names, sensitive values, headers never indexed, headers too large to
+    /// index, evictions and table size updates.
+    #[test]
+    fn to_encoding_matches_encoder_encode() {
+        use crate::hpack::{BytesStr, Header};
+
+        const NAMES: &[&str] = &[
+            "content-type",
+            "grpc-status",
+            "grpc-message",
+            "grpc-timeout",
+            "te",
+            "user-agent",
+            "authorization",
+            "cookie",
+            "accept-encoding",
+            "x-request-id",
+            "x-b3-traceid",
+            "x-custom",
+        ];
+        const PATHS: &[&str] = &["/", "/echo.Echo/Unary", "/echo.Echo/ServerStream", "/a/b?c=d"];
+        let big = "x".repeat(3500);
+        let mut values: Vec<&str> = vec!["application/grpc", "0", "1", "trailers", "", "gzip"];
+        values.extend(["10S", "some value", "another, longer value; q=0.5"]);
+        values.push(&big);
+
+        // xorshift64: deterministic, no dependency.
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut rnd = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+
+        let mut by_frame = Encoder::default();
+        let mut by_iter = Encoder::default();
+        for block in 0..3000 {
+            if rnd(50) == 0 {
+                let size = [0, 64, 256, 1024, 4096][rnd(5)];
+                by_frame.update_max_size(size);
+                by_iter.update_max_size(size);
+            }
+            let mut pseudo = Pseudo::default();
+            if rnd(2) == 0 {
+                pseudo.method = Some(if rnd(2) == 0 { Method::GET } else { Method::POST });
+                pseudo.scheme = Some(BytesStr::from_static("https"));
+                let authority = ["example.com", "backend:50051"][rnd(2)];
+                pseudo.authority = Some(BytesStr::from(authority));
+                pseudo.path = Some(BytesStr::from(PATHS[rnd(PATHS.len())]));
+            } else {
+                pseudo.status = Some([StatusCode::OK, StatusCode::NOT_FOUND][rnd(2)]);
+            }
+            let mut fields = HeaderMap::new();
+            for _ in 0..rnd(8) {
+                let name = HeaderName::from_static(NAMES[rnd(NAMES.len())]);
+                let mut value = HeaderValue::from_str(values[rnd(values.len())]).unwrap();
+                value.set_sensitive(rnd(6) == 0);
+                fields.append(name, value);
+            }
+
+            // upstream's `Iter` order
+            let mut owned: Vec<Header<Option<HeaderName>>> = vec![];
+            if let Some(ref m) = pseudo.method {
+                owned.push(Header::Method(m.clone()));
+            }
+            if let Some(ref v) = pseudo.scheme {
+                owned.push(Header::Scheme(v.clone()));
+            }
+            if let Some(ref v) = pseudo.authority {
+                owned.push(Header::Authority(v.clone()));
+            }
+            if let Some(ref v) = pseudo.path {
+                owned.push(Header::Path(v.clone()));
+            }
+            if let Some(s) = pseudo.status {
+                owned.push(Header::Status(s));
+            }
+            for (name, value) in fields.clone() {
+                owned.push(Header::Field { name, value });
+            }
+            let mut expected = BytesMut::new();
+            by_iter.encode(owned, &mut expected);
+
+            let headers = Headers::new(StreamId::from(1), pseudo, fields);
+            let got = headers.header_block.to_encoding(&mut by_frame).hpack;
+            assert_eq!(got, expected, "block {block}: {:?}", headers.header_block);
+        }
     }
 
     fn huff_decode(src: &[u8]) -> BytesMut {

@@ -151,31 +151,54 @@ impl Encoder {
     /// is made into an owned `Header` by `owned` and goes through `Table::index` as before. On a
     /// connection that carries the same headers call after call, that is almost every field, and
     /// `encode` moved a ~100-byte `Header` through several enums per field to find that out.
-    /// The bytes produced are the same as `encode`'s, except that a repeated field name is
-    /// looked up again instead of reusing the previous field's name index.
+    /// The bytes produced are the same as `encode`'s. Returns what `encode` keeps as `last_index`
+    /// for the further values of the same name (`encode_repeated_field`): the table index of an
+    /// entry with this name, or `None` when the name was sent as a literal.
     pub(crate) fn encode_field(
         &mut self,
         name: Name<'_>,
         value: &[u8],
         owned: impl FnOnce() -> Header,
         dst: &mut BytesMut,
-    ) {
+    ) -> Option<usize> {
         if !name.skip_value_index() {
             if let Some((idx, true)) = index_static_parts(&name, value) {
                 encode_int(idx, 7, 0x80, dst);
-                return;
+                return Some(idx);
             }
             // `Table::index` does not index large headers; neither may a lookup find them.
             let len = 32 + name.as_slice().len() + value.len();
             if len * 4 <= self.table.max_size() * 3 {
                 if let Some(idx) = self.table.find_indexed(&name, value) {
                     encode_int(idx, 7, 0x80, dst);
-                    return;
+                    return Some(idx);
                 }
             }
         }
         let index = self.table.index(owned());
         self.encode_header(&index, dst);
+        match index {
+            Index::NotIndexed(_) => None,
+            ref index => Some(self.table.resolve_idx(index)),
+        }
+    }
+
+    /// grpcgate patch: encodes a further value of the field `encode_field` just encoded (a header
+    /// name with several values), as `encode` encodes a nameless `Header`: a literal *without*
+    /// indexing, its name referenced by `name_idx` (what `encode_field` returned) or, when that is
+    /// `None`, sent as a literal too. The value is not added to the dynamic table.
+    pub(crate) fn encode_repeated_field(
+        &mut self,
+        name_idx: Option<usize>,
+        name: &[u8],
+        value: &[u8],
+        sensitive: bool,
+        dst: &mut BytesMut,
+    ) {
+        match name_idx {
+            Some(idx) => encode_not_indexed(idx, value, sensitive, dst),
+            None => encode_not_indexed2(name, value, sensitive, dst),
+        }
     }
 
     fn encode_size_updates(&mut self, dst: &mut BytesMut) {

@@ -117,7 +117,6 @@ impl Table {
         }
     }
 
-    #[cfg(any(test, fuzzing))] // grpcgate patch: only `Encoder::encode` uses it
     pub fn resolve_idx(&self, index: &Index) -> usize {
         use self::Index::*;
 

@@ -601,13 +601,16 @@ where
                 // until they are all EOS. Once they are, State should
                 // transition to GoAway.
                 self.streams.recv_go_away(&frame)?;
-                // grpcgate patch: a GOAWAY with an error code ends the connection: its sender closes
-                // it right after (RFC 9113 §5.4.1), so streams at or below last_stream_id will never
-                // complete. Upstream h2 waits for EOF; a peer that keeps the socket open (nghttp2, after
-                // a header block it cannot take) left those calls hanging. Fail them now and close.
-                // Streams above last_stream_id already failed as refused (remote GOAWAY); these get an
-                // I/O error, since the peer may have processed them.
-                if frame.reason() != Reason::NO_ERROR {
+                // grpcgate patch: on a client connection, a GOAWAY with an error code ends the
+                // connection: its sender closes it right after (RFC 9113 §5.4.1), so streams at or
+                // below last_stream_id will never complete. Upstream h2 waits for EOF; a server that
+                // keeps the socket open (nghttp2, after a header block it cannot take) left those calls
+                // hanging. Fail them now and close. Streams above last_stream_id already failed as
+                // refused (remote GOAWAY); these get an I/O error, since the peer may have processed
+                // them. A server connection keeps upstream's behaviour: requests already received
+                // are still handed to the application (upstream's
+                // `stream_states::go_away_with_pending_accepting`), and the connection ends at EOF.
+                if frame.reason() != Reason::NO_ERROR && !self.streams.is_server() {
                     let debug = String::from_utf8_lossy(frame.debug_data());
                     self.streams.handle_error(Error::Io(
                         std::io::ErrorKind::ConnectionAborted,
