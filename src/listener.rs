@@ -31,7 +31,7 @@ use crate::tls::server_tls_config;
 use crate::upstream;
 use crate::worker::{self, Spawner};
 
-mod proxy_protocol;
+pub mod proxy_protocol;
 
 /// The HTTP/2 connection preface every h2 client sends first (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
