@@ -72,7 +72,7 @@ fn free_port() -> u16 {
 /// Two configs that differ where a reload has work to do: the balancer, the endpoint set (one
 /// endpoint leaves and comes back) and a weight.
 fn config(version: usize, port: u16, admin: u16, backends: &[SocketAddr]) -> String {
-    let (balancer, endpoints) = if version % 2 == 0 {
+    let (balancer, endpoints) = if version.is_multiple_of(2) {
         (
             "least_request",
             format!(
