@@ -60,14 +60,14 @@ pub fn listener_tls(config: &Config) -> Result<Vec<Option<rustls::ServerConfig>>
 
 /// Reads a listener's TLS files and builds its rustls server config with
 /// [`crate::tls::server_tls_config`].
-pub fn server_tls(files: &TlsFiles) -> Result<rustls::ServerConfig, ConfigError> {
+fn server_tls(files: &TlsFiles) -> Result<rustls::ServerConfig, ConfigError> {
     let material = read_tls(files)?;
     server_tls_config(&material)
         .map_err(|e| files.place.error(format!("unusable certificate/key: {e}")))
 }
 
 /// Reads and decodes the PEM files of `[listeners.tls]`.
-pub fn read_tls(files: &TlsFiles) -> Result<TlsConfig, ConfigError> {
+fn read_tls(files: &TlsFiles) -> Result<TlsConfig, ConfigError> {
     let cert_chain = read_certs(&files.cert)?;
     let data = read_pem(&files.key)?;
     let path = files.key.path.display();

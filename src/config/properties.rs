@@ -272,7 +272,7 @@ fn a_control_character_in_a_comment_is_named() {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 5000,
+        cases: 3000,
         failure_persistence: None,
         ..ProptestConfig::default()
     })]
