@@ -139,8 +139,8 @@ impl ListenerReload {
 }
 
 impl Listener {
-    /// Binds the listener's address; `tls` is its rustls config (built at the edge, by the `load` module, from the
-    /// files `config.tls` names), None for plaintext.
+    /// Binds the listener's address. `tls` is its rustls config, None for plaintext: built at the
+    /// edge (the `load` module) from the files `config.tls` names, so the listener never reads a file.
     pub async fn bind(
         config: &ListenerConfig,
         router: Router,
