@@ -323,6 +323,20 @@ async fn check_rejects_a_cert_file_without_a_certificate() {
     );
 }
 
+/// `cert = "/dev/zero"` was read until memory ran out: now `--check` stops at the 1 MiB limit and
+/// names the line, the key and the limit (`run` bounds the wait).
+#[tokio::test]
+async fn check_rejects_an_endless_cert_file_at_the_size_limit() {
+    assert_check_fails(
+        &good_with(
+            "listen = \"127.0.0.1:8443\"\n",
+            "listen = \"127.0.0.1:8443\"\n\n[listeners.tls]\ncert = \"/dev/zero\"\nkey = \"/dev/zero\"\n",
+        ),
+        "{path}:9:8: listeners[0].tls.cert: cannot read /dev/zero: larger than 1 MiB, the limit for a PEM file",
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn check_on_a_missing_config_file_fails() {
     let dir = tempfile::tempdir().expect("tempdir");
