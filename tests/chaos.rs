@@ -306,6 +306,9 @@ struct Seen {
 /// What the backend processes reported, by call id.
 type Ledger = Arc<Mutex<HashMap<u64, Seen>>>;
 
+/// What went wrong in a backend process: a call that reached two handlers, a panic.
+type Problems = Arc<Mutex<Vec<String>>>;
+
 /// One backend process (one life of a backend).
 struct Proc {
     addr: SocketAddr,
@@ -318,7 +321,13 @@ struct Proc {
 impl Proc {
     /// Starts backend `index` (named `s{index}`) on `addr` (port 0 the first time) and waits until it
     /// listens.
-    async fn spawn(index: usize, addr: SocketAddr, life: u32, ledger: &Ledger) -> Proc {
+    async fn spawn(
+        index: usize,
+        addr: SocketAddr,
+        life: u32,
+        ledger: &Ledger,
+        problems: &Problems,
+    ) -> Proc {
         let mut child = Command::new(std::env::current_exe().expect("current exe"))
             .args([
                 "--exact",
@@ -329,13 +338,24 @@ impl Proc {
             .env(CHILD_ENV, format!("s{index}@{addr}"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("spawn backend process");
+        let stderr = child.stderr.take().unwrap();
+        let panics = problems.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("[s{index}/{life}] {line}");
+                if line.contains("panicked") {
+                    panics.lock().push(format!("s{index} life {life}: {line}"));
+                }
+            }
+        });
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let stdout = child.stdout.take().unwrap();
-        let ledger = ledger.clone();
+        let (ledger, problems) = (ledger.clone(), problems.clone());
         let reader = tokio::spawn(async move {
             let mut ready_tx = Some(ready_tx);
             let mut other = Vec::new();
@@ -353,10 +373,11 @@ impl Proc {
                             life,
                             finished: false,
                         };
-                        assert!(
-                            ledger.lock().insert(id, seen).is_none(),
-                            "call {id} reached a backend twice"
-                        );
+                        if let Some(before) = ledger.lock().insert(id, seen) {
+                            problems.lock().push(format!(
+                                "call {id} reached a backend twice: {before:?}, then {seen:?}"
+                            ));
+                        }
                     }
                     ("F", Ok(id)) => {
                         if let Some(s) = ledger.lock().get_mut(&id) {
@@ -428,6 +449,7 @@ fn ms_after(origin: Instant, t: Instant) -> f64 {
 struct Backends {
     procs: Vec<Option<Proc>>,
     ledger: Ledger,
+    problems: Problems,
     /// Every SIGKILL.
     kills: Vec<Stop>,
     /// Every graceful restart.
@@ -436,16 +458,16 @@ struct Backends {
 
 impl Backends {
     async fn start(n: usize) -> Backends {
-        let ledger = Ledger::default();
+        let (ledger, problems) = (Ledger::default(), Problems::default());
         let mut procs = Vec::new();
         for i in 0..n {
-            procs.push(Some(
-                Proc::spawn(i, "127.0.0.1:0".parse().unwrap(), 0, &ledger).await,
-            ));
+            let any_port = "127.0.0.1:0".parse().unwrap();
+            procs.push(Some(Proc::spawn(i, any_port, 0, &ledger, &problems).await));
         }
         Backends {
             procs,
             ledger,
+            problems,
             kills: Vec::new(),
             graceful: Vec::new(),
         }
@@ -472,7 +494,7 @@ impl Backends {
             std::os::unix::process::ExitStatusExt::signal(&status),
             Some(libc::SIGKILL)
         );
-        self.procs[i] = Some(Proc::spawn(i, addr, life + 1, &self.ledger).await);
+        self.procs[i] = Some(Proc::spawn(i, addr, life + 1, &self.ledger, &self.problems).await);
     }
 
     /// SIGTERM backend `i` (it reports NOT_SERVING, sends GOAWAY, drains and exits 0), then start it
@@ -493,7 +515,7 @@ impl Backends {
             status.success() && lines.iter().any(|l| l == "DRAINED"),
             "backend s{i} did not drain: {status}, {lines:?}"
         );
-        self.procs[i] = Some(Proc::spawn(i, addr, life + 1, &self.ledger).await);
+        self.procs[i] = Some(Proc::spawn(i, addr, life + 1, &self.ledger, &self.problems).await);
     }
 
     /// Waits (bounded) until the current life of backend `i` has answered a call: it is back in
@@ -1018,6 +1040,8 @@ async fn chaos() {
     let outcome = load.stop().await;
 
     // ---- every call accounted for ----
+    let problems = backends.problems.lock().clone();
+    assert!(problems.is_empty(), "in the backends: {problems:#?}");
     let ledger = backends.ledger.lock().clone();
     let killed: Vec<(usize, u32)> = backends.kills.iter().map(|k| (k.backend, k.life)).collect();
     let on_killed = |s: &Seen| killed.contains(&(s.backend, s.life));
