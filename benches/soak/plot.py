@@ -66,7 +66,19 @@ for key, slack in (("rss_kib", 0), ("fds", 2)):
     print(f"{key}: first after warm-up {base:.0f}, largest deviation {worst:.0f} "
           f"({100 * worst / base:.1f} %), allowed {allowed:.0f}: {'flat' if flat else 'NOT flat'}")
 bad = rows[-1]["unexpected"]
-print(f"calls {rows[-1]['calls']:.0f}, unexpected outcomes {bad:.0f}")
+lost = rows[-1].get("client_goaway_failures", 0)
+print(f"calls {rows[-1]['calls']:.0f}, unexpected outcomes {bad:.0f}, "
+      f"failed by the client's own h2 GOAWAY (too_many_internal_resets) {lost:.0f}")
 ok &= bad == 0
+# Those client-side GOAWAYs must not have been the proxy's: it closes a connection for abuse only with
+# a count under reason="abuse", and logs it.
+import pathlib
+metrics = pathlib.Path(a.csv).with_name("metrics.txt")
+if metrics.exists():
+    abuse = [l for l in metrics.read_text().splitlines()
+             if l.startswith("grpcgate_downstream_connections_closed_total") and 'reason="abuse"' in l
+             and not l.endswith(" 0")]
+    print(f"proxy closed connections for abuse: {abuse or 'none'}")
+    ok &= not abuse
 print("soak: PASS" if ok else "soak: FAIL")
 sys.exit(0 if ok else 1)
