@@ -42,6 +42,15 @@ const BACKENDS: [(&str, u16, Duration); 3] = [
     ("slow-3", 50053, Duration::from_millis(10)),
 ];
 
+/// The ORCA section's backends: name and the utilization each reports in its load-report trailer
+/// (all answer after 1 ms; only what they say about themselves differs).
+const ORCA_BACKENDS: [(&str, f64); 3] = [("idle-1", 0.3), ("idle-2", 0.3), ("busy-3", 0.9)];
+
+/// The ORCA section's load: this many workers, each making this many calls one after another
+/// (a few hundred calls: a fraction of a second).
+const ORCA_WORKERS: u32 = 8;
+const ORCA_CALLS_PER_WORKER: u32 = 100;
+
 /// Client connections the workers share: several, so the proxy sees more than one downstream
 /// connection, but fewer than workers, so calls multiplex as they do in real gRPC clients.
 const CONNECTIONS: u32 = 4;
@@ -165,10 +174,144 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let proxy = ProxyCounts::parse(&metrics.encode());
 
-    report(&tally, elapsed, &addrs, &proxy, &args);
+    report(&tally, elapsed, &addrs, &proxy);
     // Dropping the backends stops their threads.
     drop(backends);
+
+    orca_section().await?;
+
+    println!();
+    let others: Vec<String> = BalancerKind::NAMES
+        .iter()
+        .filter(|n| **n != args.balancer)
+        .map(|n| format!("`--balancer {n}`"))
+        .collect();
+    println!("Run again with {} to compare.", others.join(" or "));
     Ok(())
+}
+
+/// A second, short showcase: backends that report their own load (ORCA) behind a
+/// `weighted_round_robin` cluster, one of them reporting itself three times as busy as the others.
+/// Each backend's weight is qps / utilization (gRFC A58), so the busy one gets a third of the calls
+/// of each idle one, about 1/7 of them, where round robin would give it 1/3.
+async fn orca_section() -> anyhow::Result<()> {
+    let mut backends = Vec::with_capacity(ORCA_BACKENDS.len());
+    for (name, utilization) in ORCA_BACKENDS {
+        let b =
+            EchoBackend::start_reporting_with_delay(name, Duration::from_millis(1), utilization)
+                .await
+                .with_context(|| format!("starting echo backend {name}"))?;
+        backends.push(b);
+    }
+    let endpoints: Vec<String> = backends.iter().map(|b| format!("\"{}\"", b.addr)).collect();
+    // No blackout: the demo shows the weights, not their warm-up (gRPC's default waits 10 s).
+    let text = format!(
+        "[[listeners]]\nname = \"orca\"\nlisten = \"127.0.0.1:0\"\n\n[[listeners.routes]]\n\
+         cluster = \"orca\"\ntimeout = \"10s\"\n\n[[clusters]]\nname = \"orca\"\n\
+         balancer = \"weighted_round_robin\"\nblackout_period = \"0s\"\nendpoints = [{}]\n",
+        endpoints.join(", ")
+    );
+    let config = Config::parse(&text, DEMO_ORIGIN, Path::new("."))?;
+    let gateway = Gateway::start(config)
+        .await
+        .context("starting the ORCA proxy")?;
+    let result = orca_load(&gateway).await;
+    gateway.shutdown(DRAIN_TIMEOUT).await;
+    drop(backends);
+    let (tally, rr_calls) = result?;
+
+    let answered: u64 = tally.backends.values().map(|b| b.calls).sum();
+    println!();
+    println!(
+        "ORCA load reports: another proxy, balancer weighted_round_robin, over three backends that \
+         report their utilization in an `endpoint-load-metrics-bin` trailer ({rr_calls} calls to \
+         collect the first reports, then {answered} calls)"
+    );
+    println!(
+        "{:<8} {:>11} {:>9} {:>7}",
+        "backend", "reports", "calls", "share"
+    );
+    for (name, utilization) in ORCA_BACKENDS {
+        let calls = tally.backends.get(name).map_or(0, |b| b.calls);
+        println!(
+            "{name:<8} {:>11} {calls:>9} {:>6.1}%",
+            format!("cpu {utilization}"),
+            100.0 * calls as f64 / answered.max(1) as f64
+        );
+    }
+    let statuses: Vec<String> = tally
+        .statuses
+        .iter()
+        .map(|(code, n)| format!("{code} {n}"))
+        .collect();
+    println!(
+        "ORCA status   {}; weight = qps / utilization, so busy-3 should get 1/3 of each idle \
+         backend's calls (1/7 = 14.3 %), not round robin's 33.3 %",
+        statuses.join(", ")
+    );
+    if tally.statuses.keys().any(|c| *c != "OK") || tally.bad_payloads > 0 {
+        println!(
+            "warning       ORCA section: calls that did not succeed or echoed the wrong payload"
+        );
+    }
+    Ok(())
+}
+
+/// The ORCA section's calls: one round robin round so that every backend has reported (a report is
+/// recorded as its trailers pass the proxy, before the client sees the call end), the schedule
+/// rebuilt from those reports at once (rather than at the next `weight_update_period` tick, so the
+/// counts do not depend on timing), then the measured calls. Returns their tally and how many
+/// calls the first round took.
+async fn orca_load(gateway: &Gateway) -> anyhow::Result<(Tally, u64)> {
+    let addr = gateway.listener_addr("orca").context("no ORCA listener")?;
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the ORCA proxy at {addr}"))?;
+    let mut client = EchoClient::new(channel);
+    let mut first = Tally::default();
+    for _ in 0..ORCA_BACKENDS.len() {
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(CALL_TIMEOUT, unary_call(&mut client))
+            .await
+            .context("an ORCA call timed out")?;
+        first.record(false, &outcome, started.elapsed());
+    }
+    anyhow::ensure!(
+        first.statuses.keys().all(|c| *c == "OK"),
+        "the first ORCA calls failed: {:?}",
+        first.statuses
+    );
+    for c in gateway.clusters().iter() {
+        c.refresh_weights();
+    }
+    let mut workers = JoinSet::new();
+    for _ in 0..ORCA_WORKERS {
+        let mut client = client.clone();
+        workers.spawn(async move {
+            let mut tally = Tally::default();
+            for _ in 0..ORCA_CALLS_PER_WORKER {
+                let started = Instant::now();
+                let outcome = tokio::time::timeout(CALL_TIMEOUT, unary_call(&mut client))
+                    .await
+                    .unwrap_or(Outcome {
+                        backend: None,
+                        code: Code::DeadlineExceeded,
+                        messages: 0,
+                        bad_payload: false,
+                    });
+                tally.record(false, &outcome, started.elapsed());
+            }
+            tally
+        });
+    }
+    let mut tally = Tally::default();
+    while let Some(t) = workers.join_next().await {
+        tally.merge(t.context("an ORCA worker panicked")?);
+    }
+    Ok((tally, first.total()))
 }
 
 /// Waits until every endpoint of every cluster is available (bounded by [`READY_TIMEOUT`]); returns
@@ -564,13 +707,7 @@ fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
-fn report(
-    tally: &Tally,
-    elapsed: Duration,
-    addrs: &[SocketAddr],
-    proxy: &ProxyCounts,
-    args: &DemoArgs,
-) {
+fn report(tally: &Tally, elapsed: Duration, addrs: &[SocketAddr], proxy: &ProxyCounts) {
     let answered: u64 = tally.backends.values().map(|b| b.calls).sum();
     let share = |n: u64| {
         if answered == 0 {
@@ -691,13 +828,6 @@ fn report(
             tally.bad_payloads
         );
     }
-    println!();
-    let others: Vec<String> = BalancerKind::NAMES
-        .iter()
-        .filter(|n| **n != args.balancer)
-        .map(|n| format!("`--balancer {n}`"))
-        .collect();
-    println!("Run again with {} to compare.", others.join(" or "));
 }
 
 fn fmt_delay(d: Duration) -> String {

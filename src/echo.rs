@@ -319,6 +319,23 @@ impl EchoBackend {
         .await
     }
 
+    /// Like [`EchoBackend::start_reporting`], but waiting `delay` before each answer: a backend that is
+    /// both slow and reports itself busy (the fleet benchmark's and the demo's ORCA backends).
+    pub async fn start_reporting_with_delay(
+        name: &str,
+        delay: Duration,
+        utilization: f64,
+    ) -> std::io::Result<EchoBackend> {
+        Self::start_full(
+            "127.0.0.1:0".parse().expect("addr"),
+            name,
+            delay,
+            None,
+            Some(utilization),
+        )
+        .await
+    }
+
     async fn start_full(
         addr: SocketAddr,
         name: &str,

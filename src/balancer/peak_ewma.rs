@@ -16,10 +16,20 @@ const DECAY: Duration = Duration::from_secs(10);
 /// The estimate of an endpoint with no samples yet: optimistic enough that a new endpoint gets tried.
 const DEFAULT_LATENCY: Duration = Duration::from_millis(30);
 
-/// The process's reference instant for the timestamps stored in atomics.
+/// The process's reference instant for the timestamps stored in atomics. Set a while before the
+/// first use, so that an instant taken a little before that first use (by another thread, or from a
+/// test's paused clock, which starts at the moment its runtime was built) is still after it: before
+/// the epoch, timestamps would all read as 0.
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
+    *EPOCH.get_or_init(|| {
+        let now = Instant::now();
+        // The monotonic clock may start at boot, less than the margin ago: then a shorter one.
+        [3600, 60, 1]
+            .into_iter()
+            .find_map(|s| now.checked_sub(Duration::from_secs(s)))
+            .unwrap_or(now)
+    })
 }
 
 pub(super) fn nanos_since_epoch(now: Instant) -> u64 {
@@ -47,11 +57,14 @@ impl Latency {
         let next = match current {
             None => sample,
             Some(est) if sample > est => sample,
-            Some(est) => {
+            Some(_) => {
                 // EWMA towards the faster sample, weighted by how long ago the estimate was made.
+                // From the stored estimate, not the decayed one: decaying it here as well would
+                // count the elapsed time twice (a 5 s decay, and a pull towards half the sample).
+                let stored = f64::from_bits(self.estimate.load(Ordering::Relaxed));
                 let elapsed = now_ns.saturating_sub(self.updated.load(Ordering::Relaxed));
                 let w = (-(elapsed as f64) / DECAY.as_nanos() as f64).exp();
-                est * w + sample * (1.0 - w)
+                stored * w + sample * (1.0 - w)
             }
         };
         self.estimate.store(next.to_bits(), Ordering::Relaxed);
@@ -152,6 +165,81 @@ mod tests {
         // Idle for a minute: decays towards zero, so the endpoint is tried again.
         let idle = l.current(nanos_since_epoch(now(61_001)));
         assert!(idle < 1e6, "{idle}");
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// The estimate at the (paused) clock's now, in ms.
+    fn estimate_ms(l: &Latency) -> f64 {
+        l.current(nanos_since_epoch(Instant::now())) / 1e6
+    }
+
+    fn assert_close(actual: f64, expected: f64, what: &str) {
+        assert!(
+            (actual - expected).abs() < 1e-6 * expected.max(1.0),
+            "{what}: {actual} ms, expected {expected} ms"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_samples_means_the_30ms_default_at_any_time() {
+        let l = Latency::default();
+        assert_close(estimate_ms(&l), 30.0, "at once");
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert_close(
+            estimate_ms(&l),
+            30.0,
+            "an hour later: the default does not decay",
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_peak_is_taken_at_once() {
+        let l = Latency::default();
+        l.observe(ms(10), Instant::now());
+        assert_close(estimate_ms(&l), 10.0, "first sample");
+        tokio::time::advance(ms(1)).await;
+        l.observe(ms(100), Instant::now());
+        // The slower sample replaces the estimate whole, not averaged in with the 10 ms.
+        assert_close(estimate_ms(&l), 100.0, "peak");
+        tokio::time::advance(ms(1)).await;
+        l.observe(ms(250), Instant::now());
+        assert_close(estimate_ms(&l), 250.0, "a higher peak");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn faster_samples_pull_it_down_with_the_10s_decay() {
+        let l = Latency::default();
+        l.observe(ms(100), Instant::now());
+        // One 10 ms sample a second later moves it by 1 - e^-0.1 of the gap, no more.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        l.observe(ms(10), Instant::now());
+        let w = (-0.1f64).exp();
+        assert_close(estimate_ms(&l), 100.0 * w + 10.0 * (1.0 - w), "after 1 s");
+        // A 10 ms sample every 100 ms for 10 s more: the gap shrinks by e^-1 (the decay is 10 s),
+        // however the samples are spaced.
+        let gap = estimate_ms(&l) - 10.0;
+        for _ in 0..100 {
+            tokio::time::advance(ms(100)).await;
+            l.observe(ms(10), Instant::now());
+        }
+        assert_close(estimate_ms(&l), 10.0 + gap * (-1.0f64).exp(), "after 10 s");
+        assert!(estimate_ms(&l) > 30.0, "still well above the fast samples");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_samples_it_decays_towards_zero() {
+        let l = Latency::default();
+        l.observe(ms(100), Instant::now());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_close(estimate_ms(&l), 100.0 * (-1.0f64).exp(), "10 s idle");
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert_close(estimate_ms(&l), 100.0 * (-3.0f64).exp(), "30 s idle");
+        // A sample above the decayed estimate is a new peak.
+        l.observe(ms(20), Instant::now());
+        assert_close(estimate_ms(&l), 20.0, "new peak after idling");
     }
 
     #[test]

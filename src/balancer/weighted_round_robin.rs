@@ -244,6 +244,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::balancer::tests::{cluster, spread};
 
     fn report(u: f64, qps: f64, eps: f64) -> LoadReport {
         LoadReport {
@@ -290,24 +291,105 @@ mod tests {
     }
 
     #[test]
-    fn blackout_and_expiry() {
+    fn the_penalty_scales_the_error_rate() {
+        // qps / (utilization + eps / qps × penalty): 100 / (0.5 + 10 / 100 × 2).
+        let w = report(0.5, 100.0, 10.0).weight(2.0).unwrap();
+        assert!((w - 100.0 / 0.7).abs() < 1e-9, "{w}");
+        // Penalty 0: errors do not count.
+        assert_eq!(report(0.5, 100.0, 10.0).weight(0.0), Some(200.0));
+        // The penalty configured for the cluster is the one a usable weight gets.
         let config = OrcaConfig {
-            blackout_period: Duration::from_secs(10),
-            weight_expiration_period: Duration::from_secs(180),
+            blackout_period: Duration::ZERO,
+            error_utilization_penalty: 2.0,
             ..OrcaConfig::default()
         };
+        let r = ReportedWeight::default();
+        let now = Instant::now();
+        r.record(&report(0.5, 100.0, 10.0), now);
+        let w = r.usable(&config, now).unwrap();
+        assert!((w - 100.0 / 0.7).abs() < 1e-9, "{w}");
+    }
+
+    async fn advance(d: Duration) {
+        tokio::time::advance(d).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn blackout_and_expiry_on_the_paused_clock() {
+        // The defaults: blackout 10 s, expiry 3 min.
+        let config = OrcaConfig::default();
         let w = ReportedWeight::default();
-        let t0 = Instant::now();
-        let at = |s: u64| t0 + Duration::from_secs(s);
-        assert_eq!(w.usable(&config, t0), None, "no report yet");
-        w.record(&report(0.5, 100.0, 0.0), at(0));
-        assert_eq!(w.usable(&config, at(5)), None, "in the blackout");
-        w.record(&report(0.5, 100.0, 0.0), at(9));
-        assert_eq!(w.usable(&config, at(11)), Some(200.0), "past the blackout");
-        assert_eq!(w.usable(&config, at(9 + 181)), None, "expired");
-        // Reports resume: a new blackout.
-        w.record(&report(0.25, 100.0, 0.0), at(200));
-        assert_eq!(w.usable(&config, at(205)), None);
-        assert_eq!(w.usable(&config, at(211)), Some(400.0));
+        assert_eq!(w.usable(&config, Instant::now()), None, "no report yet");
+        w.record(&report(0.5, 100.0, 0.0), Instant::now());
+        advance(Duration::from_millis(9_999)).await;
+        w.record(&report(0.5, 100.0, 0.0), Instant::now());
+        assert_eq!(w.usable(&config, Instant::now()), None, "in the blackout");
+        advance(Duration::from_millis(1)).await;
+        assert_eq!(
+            w.usable(&config, Instant::now()),
+            Some(200.0),
+            "10 s after the first report"
+        );
+        // No report for 3 min after the last one: still in use at 3 min, expired just after.
+        advance(Duration::from_secs(180) - Duration::from_millis(1)).await;
+        assert_eq!(w.usable(&config, Instant::now()), Some(200.0), "3 min");
+        advance(Duration::from_millis(2)).await;
+        assert_eq!(w.usable(&config, Instant::now()), None, "expired");
+        // Reports resume: a new blackout from the first of them.
+        w.record(&report(0.25, 100.0, 0.0), Instant::now());
+        advance(Duration::from_secs(5)).await;
+        w.record(&report(0.25, 100.0, 0.0), Instant::now());
+        assert_eq!(w.usable(&config, Instant::now()), None, "blackout again");
+        advance(Duration::from_secs(5)).await;
+        assert_eq!(w.usable(&config, Instant::now()), Some(400.0));
+    }
+
+    /// Every endpoint of `c` in `reports` (by index) reports at the paused clock's now.
+    fn report_all(c: &crate::balancer::Cluster, reports: &[(usize, LoadReport)]) {
+        for (i, r) in reports {
+            c.endpoints[*i].reported.record(r, Instant::now());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fallback_plain_round_robin_then_the_mean_for_the_silent() {
+        let c = cluster("weighted_round_robin", r#"["a:1", "b:1", "c:1"]"#);
+        let a = (0, report(0.5, 100.0, 0.0)); // weight 200
+        let b = (1, report(0.25, 100.0, 0.0)); // weight 400
+                                               // Only a reports, past its blackout: one weight is not enough, plain round robin.
+        report_all(&c, &[a]);
+        advance(Duration::from_secs(11)).await;
+        report_all(&c, &[a]);
+        c.refresh_weights();
+        assert_eq!(spread(&c, 300), vec![100, 100, 100], "one weight");
+        // b starts reporting: until its own blackout ends, still one weight.
+        report_all(&c, &[a, b]);
+        c.refresh_weights();
+        assert_eq!(spread(&c, 300), vec![100, 100, 100], "b in its blackout");
+        advance(Duration::from_secs(10)).await;
+        report_all(&c, &[a, b]);
+        c.refresh_weights();
+        // a : b : c = 200 : 400 : the mean 300, exactly, over whole rounds.
+        assert_eq!(spread(&c, 900), vec![200, 400, 300], "two weights");
+        // b goes silent; 3 min later its weight expires: one weight again, plain round robin.
+        advance(Duration::from_secs(181)).await;
+        report_all(&c, &[a]);
+        c.refresh_weights();
+        assert_eq!(spread(&c, 300), vec![100, 100, 100], "b expired");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn equal_reports_spread_exactly_evenly() {
+        let c = cluster("weighted_round_robin", r#"["a:1", "b:1", "c:1", "d:1"]"#);
+        let all: Vec<(usize, LoadReport)> = (0..4).map(|i| (i, report(0.4, 50.0, 1.0))).collect();
+        report_all(&c, &all);
+        advance(Duration::from_secs(10)).await;
+        report_all(&c, &all);
+        c.refresh_weights();
+        assert_eq!(spread(&c, 4000), vec![1000; 4]);
+        // And unequal ones do not (the same cluster, so this is not vacuous).
+        report_all(&c, &[(0, report(0.8, 50.0, 1.0))]);
+        c.refresh_weights();
+        assert!(spread(&c, 4000)[0] < 1000);
     }
 }
