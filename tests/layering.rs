@@ -19,6 +19,7 @@ const LEAVES: &[(&str, &[&str])] = &[
     ("tls", &[]),
     ("config", &["tls"]),
     ("metrics", &["grpc"]),
+    ("access_log", &["config"]),
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
