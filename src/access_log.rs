@@ -1,9 +1,10 @@
 //! The access log (`[access_log]`): one JSON line per call, written off the call path.
 //!
 //! A call fills a [`Record`] (a boxed, fixed-size struct: the client's address, `:authority` and
-//! `:path` copied in, numbers, and a handle to the names of its listener, cluster and endpoint) and
-//! hands it to [`Sender::send`], a `try_send` on a bounded queue: one compare-and-swap, no
-//! formatting, no lock, no system call. One writer thread formats the lines and writes them in
+//! `:path` copied in, numbers, and a reference-counted handle to the names of its listener, cluster
+//! and endpoint) and hands it to [`Sender::send`], a `try_send` on a bounded queue: one allocation,
+//! one reference count increment and one compare-and-swap per call; no formatting, no lock, no
+//! system call. One writer thread formats the lines and writes them in
 //! batches. When the queue is full (the disk or the reader of a pipe is slower than the calls) the
 //! record is dropped and counted (`grpcgate_access_log_dropped_total`): a slow disk never slows a call.
 //!
@@ -78,8 +79,9 @@ pub struct Outcome {
     pub endpoint: Option<usize>,
     /// The call's final grpc-status.
     pub grpc_status: u8,
-    /// DATA payload bytes forwarded each way (the gRPC length-prefixed messages).
+    /// DATA payload bytes forwarded to the upstream (the gRPC length-prefixed messages).
     pub request_bytes: u64,
+    /// DATA payload bytes forwarded to the client.
     pub response_bytes: u64,
     /// Times the call was sent again after an upstream refused it unprocessed.
     pub retries: u8,
@@ -257,7 +259,9 @@ fn open_append(path: &Path) -> io::Result<File> {
 
 /// An opened destination, ready for [`AccessLog::start`].
 pub enum Output {
+    /// `path = "-"`.
     Stdout(io::Stdout),
+    /// A file (or named pipe) opened for appending.
     File(File),
 }
 
