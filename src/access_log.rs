@@ -226,7 +226,7 @@ pub struct AccessLog {
     thread: Option<JoinHandle<()>>,
 }
 
-/// Opens the log's destination: a file in append mode, created if missing (mode 0644). Not blocking
+/// Opens the log's destination: a file in append mode, created if missing. Not blocking
 /// on a named pipe without a reader: that fails at once ("no such device or address"), and writes
 /// to a pipe then block the writer thread alone.
 pub fn open(target: &Target) -> io::Result<Output> {

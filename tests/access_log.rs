@@ -571,3 +571,82 @@ fn access_log_config_errors_name_the_line_and_key() {
         grpcgate::config::AccessLogTarget::Stdout
     );
 }
+
+/// An upstream that refuses every stream unprocessed (RST_STREAM `REFUSED_STREAM`).
+async fn refuser() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            conns.spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_sent_again_after_a_refusal_logs_its_retries_and_its_bytes_once() {
+    let backend = EchoBackend::start("b0", Duration::ZERO).await.unwrap();
+    let (refuser, task) = refuser().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let text = format!(
+        r#"
+workers = 1
+
+[access_log]
+path = {path:?}
+
+[[listeners]]
+name = "edge"
+listen = "127.0.0.1:0"
+
+[[listeners.routes]]
+cluster = "echo"
+
+[[clusters]]
+name = "echo"
+balancer = "round_robin"
+endpoints = ["{refuser}", "{backend}"]
+"#,
+        path = log.to_str().unwrap(),
+        backend = backend.addr
+    );
+    let gw = start(&text).await;
+    let mut c = edge_client(&gw).await;
+    // A body of several messages: what reached the refuser is sent again whole, but counted once.
+    let ups: Vec<EchoRequest> = (0..3)
+        .map(|i| EchoRequest {
+            payload: vec![i; 500],
+            ..Default::default()
+        })
+        .collect();
+    let want: u64 = ups.iter().map(wire).sum();
+    for _ in 0..4 {
+        bounded(c.client_stream(tokio_stream::iter(ups.clone())))
+            .await
+            .unwrap();
+    }
+    let lines = lines_in(&log, 4).await;
+    let retries: Vec<u64> = lines
+        .iter()
+        .map(|l| l["retries"].as_u64().unwrap())
+        .collect();
+    // Round robin over the refuser and the backend: a call that went to the refuser first went to
+    // the backend next.
+    assert!(retries.contains(&1), "{retries:?}");
+    for l in &lines {
+        assert_eq!(l["grpc_status"], 0, "{l}");
+        assert_eq!(l["endpoint"], backend.addr.to_string(), "{l}");
+        assert_eq!(l["request_bytes"], want, "{l}");
+    }
+    task.abort();
+}
