@@ -15,7 +15,8 @@ checks that the pieces fit together:
     drain_timeout, workers = the CPU limit;
   - the NLB Service: AWS Load Balancer Controller, IP targets, health check on the admin port's /ready,
     cross-zone, and no PROXY protocol unless the listener has proxy_protocol = true;
-  - the static endpoints are the backend StatefulSet's per-pod DNS names, as many as its replicas;
+  - every cluster finds its backends by DNS through a headless Service of this directory (its name,
+    namespace and port), and that Service selects a workload's pods;
   - the HPA targets the Deployment.
 Prints one line per check and exits 1 if any failed.
 """
@@ -216,18 +217,28 @@ def main():
                     edge_pp = any(l.get("proxy_protocol") for l in cfg["listeners"])
                     check(pp == edge_pp, f"{name}: PROXY protocol on the NLB ({pp}) and the listener ({edge_pp}) agree")
 
+        ns = yaml.safe_load((KDIR / "kustomization.yaml").read_text())["namespace"]
+        all_services = of_kind("Service", KDIR)
+        all_workloads = of_kind("Deployment", KDIR) + of_kind("StatefulSet", KDIR)
         for cm_name, cfg in configs.items():
             for cl in cfg.get("clusters", []):
-                eps = [e if isinstance(e, str) else e["address"] for e in cl.get("endpoints", [])]
-                for sts in of_kind("StatefulSet", ROOT / "deploy" / "kubernetes"):
-                    svc = sts["spec"]["serviceName"]
-                    ns = yaml.safe_load((KDIR / "kustomization.yaml").read_text())["namespace"]
-                    port = next(s for s in of_kind("Service", ROOT / "deploy" / "kubernetes")
-                                if s["metadata"]["name"] == svc)["spec"]["ports"][0]["port"]
-                    want = [f"{sts['metadata']['name']}-{i}.{svc}.{ns}.svc.cluster.local:{port}"
-                            for i in range(sts["spec"]["replicas"])]
-                    check(eps == want, f"{name}: ConfigMap {cm_name}: cluster {cl['name']} lists the "
-                          f"{sts['spec']['replicas']} pods of StatefulSet {sts['metadata']['name']}")
+                where = f"{name}: ConfigMap {cm_name}: cluster {cl['name']}"
+                dns = cl.get("dns")
+                check(dns is not None, f"{where} finds its backends by DNS (dns = ...)")
+                if dns is None:
+                    continue
+                host, port = dns.rsplit(":", 1)
+                svcs = [s for s in all_services
+                        if host.rstrip(".") == f"{s['metadata']['name']}.{ns}.svc.cluster.local"]
+                check(len(svcs) == 1, f"{where}: {host} is a Service of namespace {ns}")
+                for svc in svcs:
+                    check(svc["spec"].get("clusterIP") == "None",
+                          f"{where}: Service {svc['metadata']['name']} is headless (one record per pod)")
+                    check(int(port) in [p["port"] for p in svc["spec"]["ports"]],
+                          f"{where}: port {port} is a port of Service {svc['metadata']['name']}")
+                    check(any(matches(svc["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])
+                              for w in all_workloads),
+                          f"{where}: Service {svc['metadata']['name']} selects a workload's pods")
 
     print(f"manifest cross-checks: {passed} ok, {failures} failed")
     return 1 if failures else 0

@@ -131,6 +131,10 @@ async fn serve_connection(
         let shared = shared.clone();
         async move { Ok::<_, Infallible>(handle(&shared, &req)) }
     });
+    let mut tcp = tcp;
+    if !skip_proxy_header(&mut tcp).await {
+        return;
+    }
     let conn = builder.serve_connection(TokioIo::new(tcp), service);
     tokio::pin!(conn);
     // Errors (a header timeout, a malformed request, a reset) concern that one client only.
@@ -140,6 +144,39 @@ async fn serve_connection(
     }
     conn.as_mut().graceful_shutdown();
     let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
+}
+
+/// Reads and drops a PROXY protocol header (v1 or v2) if the connection starts with one; false if it
+/// starts with a broken one or sends nothing in time (close it). An NLB with PROXY protocol enabled
+/// on its target group sends the header on its health-check connections too, and those go to this
+/// server's `/ready`; scrapers and probes send none. Neither signature can begin an HTTP/1 request.
+async fn skip_proxy_header(tcp: &mut TcpStream) -> bool {
+    const V1: &[u8] = b"PROXY ";
+    const V2: &[u8] = b"\r\n\r\n\0\r";
+    let skip = async {
+        let mut start = [0u8; 6];
+        loop {
+            let n = tcp.peek(&mut start).await.ok()?;
+            let seen = &start[..n];
+            if n == 0 || !(V1.starts_with(seen) || V2.starts_with(seen)) {
+                return Some(());
+            }
+            if n == start.len() {
+                break;
+            }
+            // Part of a signature: `peek` returns at once while bytes are buffered, so wait a
+            // little for the rest rather than spin (bounded by the header timeout).
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        crate::listener::proxy_protocol::read_header(tcp)
+            .await
+            .ok()
+            .map(|_| ())
+    };
+    matches!(
+        tokio::time::timeout(HEADER_READ_TIMEOUT, skip).await,
+        Ok(Some(()))
+    )
 }
 
 fn text(

@@ -3,6 +3,11 @@
 //! Every error names the file, the line and column, and the key it is about, e.g.
 //! `config/x.toml:12:1: clusters[0].balancer: unknown balancer "rr"; expected one of ...`.
 //! Parsing is a pure function of the text, so a bad file never disturbs a running proxy.
+//!
+//! This module is a leaf that does no I/O (tests/layering.rs checks it): it never reads a file, not
+//! even the ones the config names. Certificate and key paths come out as [`TlsFiles`], each with the
+//! [`Place`] it was written at; the `load` module reads the config file and those files (with size
+//! limits) and builds the TLS configuration, reporting its errors at those places.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -15,7 +20,8 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
-pub use crate::tls::TlsConfig;
+#[cfg(test)]
+mod properties;
 
 /// A configuration that parsed and passed every check.
 #[derive(Debug, Clone)]
@@ -45,6 +51,8 @@ pub struct AccessLogConfig {
     pub target: AccessLogTarget,
     /// Records waiting for the writer before new ones are dropped.
     pub queue: usize,
+    /// Where the config names the file, for errors about it.
+    pub place: Option<Place>,
 }
 
 /// Where the access log goes.
@@ -105,7 +113,7 @@ pub struct AdminConfig {
 pub struct ListenerConfig {
     pub name: String,
     pub listen: SocketAddr,
-    pub tls: Option<TlsConfig>,
+    pub tls: Option<TlsFiles>,
     pub routes: Vec<RouteConfig>,
     /// SETTINGS_MAX_CONCURRENT_STREAMS announced to each downstream connection.
     pub max_concurrent_streams: u32,
@@ -131,6 +139,54 @@ pub struct ListenerConfig {
     pub proxy_protocol: bool,
     /// Append the client's address to `x-forwarded-for` on every forwarded call.
     pub x_forwarded_for: bool,
+}
+
+/// A listener's `[listeners.tls]`: the PEM files to load, paths resolved against the config file's
+/// directory. Only named here: the `load` module reads them and builds the rustls config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain (`cert`).
+    pub cert: FileRef,
+    /// The private key (`key`).
+    pub key: FileRef,
+    /// CA certificates that client certificates must chain to (`client_ca`, mTLS).
+    pub client_ca: Option<FileRef>,
+    /// The table as a whole (`listeners[i].tls`, at its `cert`): where a key that does not match
+    /// its certificate is reported.
+    pub place: Place,
+}
+
+/// A file the config names, and where it names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRef {
+    /// The path as written, joined to the config file's directory when relative.
+    pub path: PathBuf,
+    /// Where the config names it.
+    pub place: Place,
+}
+
+/// Where a value is written in the config: file, line and column, key. A check made after parsing
+/// (reading a file the value names) reports its errors here, as the parser would.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Place {
+    /// The config file (its origin, for text that did not come from a file).
+    pub file: String,
+    /// 1-based line and column.
+    pub position: Option<(usize, usize)>,
+    /// Dotted key path such as `listeners[0].tls.cert`.
+    pub key: String,
+}
+
+impl Place {
+    /// An error about the value written here.
+    pub fn error(&self, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            position: self.position,
+            key: self.key.clone(),
+            message: message.into(),
+        }
+    }
 }
 
 /// One route: which calls it matches and where they go.
@@ -542,25 +598,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-// ---- loading ----
+// ---- parsing ----
 
 impl Config {
-    /// Reads and validates a config file.
-    pub fn from_file(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
-        let path = path.as_ref();
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: file.clone(),
-            position: None,
-            key: String::new(),
-            message: format!("cannot read config file: {e}"),
-        })?;
-        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        Self::parse(&text, &file, &base)
-    }
-
     /// Parses and validates config text. `origin` names it in errors; relative certificate paths are
-    /// resolved against `base_dir`.
+    /// resolved against `base_dir` (joined, not read: `load::config_file` reads a file and
+    /// what it names).
     pub fn parse(text: &str, origin: &str, base_dir: &Path) -> Result<Config, ConfigError> {
         let loc = Locator { text, file: origin };
         let de = toml::Deserializer::new(text);
@@ -571,9 +614,20 @@ impl Config {
                 .to_string()
                 .replace(".$__serde_spanned_private_value", "");
             let inner = e.into_inner();
-            let mut message = inner.message().to_string();
+            // One line, as every error is (the TOML parser may give two, or none: a control
+            // character in a comment got an empty message).
+            let mut message = inner.message().trim().replace('\n', "; ");
             if let Some(rest) = message.strip_prefix("unknown field ") {
                 message = format!("unknown key {rest}");
+            }
+            if message.is_empty() {
+                let at = inner
+                    .span()
+                    .and_then(|s| text.get(s.start..)?.chars().next());
+                message = match at {
+                    Some(c) => format!("invalid TOML: unexpected character {c:?}"),
+                    None => "invalid TOML".to_string(),
+                };
             }
             let key = if key == "." { String::new() } else { key };
             loc.err(inner.span(), &key, message)
@@ -649,6 +703,14 @@ impl Locator<'_> {
     fn at<T>(&self, spanned: &Spanned<T>, key: &str, message: impl Into<String>) -> ConfigError {
         self.err(Some(spanned.span()), key, message)
     }
+
+    fn place<T>(&self, spanned: &Spanned<T>, key: &str) -> Place {
+        Place {
+            file: self.file.to_string(),
+            position: Some(line_col(self.text, spanned.span().start)),
+            key: key.to_string(),
+        }
+    }
 }
 
 /// The last segment of a key path (`clusters[0].health_check.interval` -> `interval`).
@@ -705,28 +767,6 @@ fn check_endpoint(loc: &Locator, s: &Spanned<String>, key: &str) -> Result<(), C
     Ok(())
 }
 
-fn read_pem_certs(
-    loc: &Locator,
-    s: &Spanned<String>,
-    key: &str,
-    base: &Path,
-) -> Result<(PathBuf, Vec<rustls::pki_types::CertificateDer<'static>>), ConfigError> {
-    let path = base.join(s.get_ref());
-    let data = std::fs::read(&path)
-        .map_err(|e| loc.at(s, key, format!("cannot read {}: {e}", path.display())))?;
-    let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut data.as_slice()).collect();
-    let certs =
-        certs.map_err(|e| loc.at(s, key, format!("invalid PEM in {}: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(loc.at(
-            s,
-            key,
-            format!("no certificate found in {}", path.display()),
-        ));
-    }
-    Ok((path, certs))
-}
-
 fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, ConfigError> {
     let admin = match &raw.admin {
         Some(a) => Some(AdminConfig {
@@ -750,7 +790,12 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
     }
 
     if raw.listeners.is_empty() {
-        return Err(loc.err(None, "listeners", "at least one [[listeners]] is required"));
+        // Reported at the top of the file: there is no line to point at, and every error names one.
+        return Err(loc.err(
+            Some(0..0),
+            "listeners",
+            "at least one [[listeners]] is required",
+        ));
     }
     let mut listeners = Vec::with_capacity(raw.listeners.len());
     let mut listener_names = HashSet::new();
@@ -800,8 +845,8 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
     })
 }
 
-/// Checks `[access_log]`: `path` is "-" (standard output, also when absent) or a file whose
-/// directory exists. The file itself is not created here: `--check` changes nothing.
+/// Checks `[access_log]`: `path` is "-" (standard output, also when absent) or a file path (whose
+/// directory `load::access_log_dir` checks).
 fn validate_access_log(
     loc: &Locator,
     a: &RawAccessLog,
@@ -818,6 +863,7 @@ fn validate_access_log(
         return Ok(AccessLogConfig {
             target: Target::Stdout,
             queue,
+            place: None,
         });
     };
     let value = p.get_ref();
@@ -828,25 +874,10 @@ fn validate_access_log(
             "path is empty; use \"-\" for standard output or a file path",
         ));
     }
-    let path = base.join(value);
-    if path.is_dir() {
-        return Err(loc.at(
-            p,
-            "access_log.path",
-            format!("{} is a directory, not a file", path.display()),
-        ));
-    }
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-    if let Some(dir) = dir.filter(|d| !d.is_dir()) {
-        return Err(loc.at(
-            p,
-            "access_log.path",
-            format!("directory {} does not exist", dir.display()),
-        ));
-    }
     Ok(AccessLogConfig {
-        target: Target::File(path),
+        target: Target::File(base.join(value)),
         queue,
+        place: Some(loc.place(p, "access_log.path")),
     })
 }
 
@@ -1296,62 +1327,32 @@ fn validate_listener(
     })
 }
 
-/// Reads and checks a listener's `[listeners.tls]` files; the certificate and key must make a
-/// usable rustls config.
+/// Names a listener's `[listeners.tls]` files; the `load` module reads and checks them.
 fn validate_tls(
     loc: &Locator,
     key: &dyn Fn(&str) -> String,
     t: &RawTls,
     base: &Path,
-) -> Result<TlsConfig, ConfigError> {
-    let (cert, cert_chain) = read_pem_certs(loc, &t.cert, &key("tls.cert"), base)?;
-    let key_path = base.join(t.key.get_ref());
-    let data = std::fs::read(&key_path).map_err(|e| {
-        loc.at(
-            &t.key,
-            &key("tls.key"),
-            format!("cannot read {}: {e}", key_path.display()),
-        )
-    })?;
-    let private_key = rustls_pemfile::private_key(&mut data.as_slice())
-        .map_err(|e| {
-            loc.at(
-                &t.key,
-                &key("tls.key"),
-                format!("invalid PEM in {}: {e}", key_path.display()),
-            )
-        })?
-        .ok_or_else(|| {
-            loc.at(
-                &t.key,
-                &key("tls.key"),
-                format!("no private key found in {}", key_path.display()),
-            )
-        })?;
-    let (client_ca, client_ca_certs) = match &t.client_ca {
-        Some(ca) => {
-            let (p, certs) = read_pem_certs(loc, ca, &key("tls.client_ca"), base)?;
-            (Some(p), certs)
+) -> Result<TlsFiles, ConfigError> {
+    let file = |s: &Spanned<String>, k: &str| -> Result<FileRef, ConfigError> {
+        if s.get_ref().is_empty() {
+            return Err(loc.at(s, &key(k), format!("{} must name a file", leaf(k))));
         }
-        None => (None, Vec::new()),
+        Ok(FileRef {
+            path: base.join(s.get_ref()),
+            place: loc.place(s, &key(k)),
+        })
     };
-    let cfg = TlsConfig {
-        cert,
-        key: key_path,
-        client_ca,
-        cert_chain,
-        private_key: std::sync::Arc::new(private_key),
-        client_ca_certs,
-    };
-    // Build the rustls config now so a key that does not match the certificate fails at load time.
-    crate::tls::server_tls_config(&cfg).map_err(|e| {
-        loc.at(
-            &t.cert,
-            &key("tls"),
-            format!("unusable certificate/key: {e}"),
-        )
-    })?;
-    Ok(cfg)
+    Ok(TlsFiles {
+        cert: file(&t.cert, "tls.cert")?,
+        key: file(&t.key, "tls.key")?,
+        client_ca: t
+            .client_ca
+            .as_ref()
+            .map(|ca| file(ca, "tls.client_ca"))
+            .transpose()?,
+        place: loc.place(&t.cert, &key("tls")),
+    })
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ use crate::config::{
 use crate::discovery::{self, DnsTask};
 use crate::health;
 use crate::listener::{Listener, ListenerReload};
+use crate::load;
 use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::state::Shared;
@@ -116,10 +117,13 @@ impl ClusterState {
 }
 
 impl Gateway {
-    /// Binds every listener and the admin port and starts serving. Fails if an address cannot be bound
-    /// or the DNS resolver cannot be set up. A DNS cluster's name is resolved once before the listeners
-    /// open, so the first calls find its endpoints.
+    /// Binds every listener and the admin port and starts serving. Fails if a listener's TLS files
+    /// cannot be read or do not make a usable certificate and key (an error naming the config's line
+    /// and key), if an address cannot be bound or the DNS resolver cannot be set up. A DNS cluster's
+    /// name is resolved once before the listeners open, so the first calls find its endpoints.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
+        // The TLS files are read now, not when the config was parsed: the config is only text.
+        let tls = load::listener_tls(&config)?;
         // Threads first: if they cannot start, nothing else has been started to leak.
         let workers = Arc::new(Workers::start(config.workers as usize, config.busy_poll)?);
         tracing::info!(
@@ -178,9 +182,9 @@ impl Gateway {
         control.install_clusters(&config.clusters, &first_answers);
 
         let mut bound = Vec::new();
-        for l in &config.listeners {
+        for (l, tls) in config.listeners.iter().zip(tls) {
             let router = Router::new(l, &shared);
-            bound.push(Listener::bind(l, router, metrics.listener(&l.name)).await?);
+            bound.push(Listener::bind(l, router, metrics.listener(&l.name), tls).await?);
         }
         let admin_addr = match &config.admin {
             Some(a) => Some(admin::spawn(a.listen, shared.clone(), admin_shutdown.clone()).await?),
@@ -234,19 +238,12 @@ impl Gateway {
 
     fn try_reload(&self, config: &Config) -> Result<(), String> {
         let control = &self.control;
+        // Check everything that can fail before changing anything, so a reload is all or nothing.
+        // The TLS files are read again: a reload is how renewed certificates take effect. Read
+        // before taking the lock, which DNS answers and slow-start steps also wait on.
+        let tls = load::listener_tls(config).map_err(|e| e.to_string())?;
         let mut inner = control.inner.lock();
         self.check_no_restart_needed(&inner, config)?;
-        // Check everything that can fail before changing anything, so a reload is all or nothing.
-        let tls: Vec<_> = config
-            .listeners
-            .iter()
-            .map(|l| match &l.tls {
-                Some(t) => crate::tls::server_tls_config(t)
-                    .map(Some)
-                    .map_err(|e| format!("listener \"{}\": {e}", l.name)),
-                None => Ok(None),
-            })
-            .collect::<Result<_, _>>()?;
         // A new writer on the file, opened now (a file that cannot be opened refuses the reload) and
         // put in place below. Each reload reopens the file, so `mv access.log access.log.1` and a
         // SIGHUP (logrotate) starts a new file; standard output stays as it is.

@@ -435,4 +435,110 @@ mod tests {
         assert!(h["x-request-id"].is_sensitive());
         assert!(!h["user-agent"].is_sensitive());
     }
+
+    /// Property tests: what the proxy parses and encodes from outside input (`grpc-timeout`,
+    /// `grpc-message`, `-bin` values) never panics and round-trips.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        const UNITS: [(u8, u64); 6] = [
+            (b'n', 1),
+            (b'u', 1_000),
+            (b'm', 1_000_000),
+            (b'S', 1_000_000_000),
+            (b'M', 60_000_000_000),
+            (b'H', 3_600_000_000_000),
+        ];
+
+        /// The nanoseconds of one unit of an encoded `grpc-timeout`.
+        fn unit_nanos(v: &HeaderValue) -> u128 {
+            let unit = *v.as_bytes().last().unwrap();
+            u128::from(UNITS.iter().find(|(u, _)| *u == unit).unwrap().1)
+        }
+
+        /// Durations at every scale the encoder switches units at, up to past 99,999,999 hours.
+        fn durations() -> impl Strategy<Value = Duration> {
+            prop_oneof![
+                (0u64..1_000_000_000).prop_map(Duration::from_nanos),
+                (0u64..100_000_000_000).prop_map(Duration::from_micros),
+                (0u64..400_000_000_000, 0u32..1_000_000_000).prop_map(|(s, n)| Duration::new(s, n)),
+                (0u64..u64::MAX, 0u32..1_000_000_000).prop_map(|(s, n)| Duration::new(s, n)),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: 4000,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            /// The encoder never gives the upstream more time than the call has, and at most one unit
+            /// of its chosen unit less than exact; its output always parses.
+            #[test]
+            fn timeout_encode_then_parse(d in durations()) {
+                let v = encode_timeout(d);
+                prop_assert!(v.len() >= 2 && v.len() <= 9, "{v:?}");
+                let back = parse_timeout(&v).expect("the encoder's output parses");
+                let max = Duration::from_secs(99_999_999 * 3600);
+                if d >= max {
+                    prop_assert_eq!(back, max);
+                } else {
+                    let want = d.max(Duration::from_nanos(1));
+                    prop_assert!(back >= want, "{d:?} -> {v:?} -> {back:?}");
+                    prop_assert!(back.as_nanos() - want.as_nanos() < unit_nanos(&v), "{d:?} -> {v:?} -> {back:?}");
+                }
+            }
+
+            /// Every value the spec allows (1-8 digits, leading zeros included, and a unit) parses to
+            /// its duration, and encoding that duration gives it back exactly.
+            #[test]
+            fn timeout_parse_then_encode(n in 1u64..=99_999_999, width in 1usize..=8, unit in 0usize..6) {
+                let (u, scale) = UNITS[unit];
+                let text = format!("{n:0width$}{}", u as char);
+                let v = HeaderValue::from_str(&text).unwrap();
+                let d = parse_timeout(&v).expect("a valid grpc-timeout");
+                prop_assert_eq!(d.as_nanos(), u128::from(n) * u128::from(scale));
+                prop_assert_eq!(parse_timeout(&encode_timeout(d)), Some(d));
+            }
+
+            /// Any header value: no panic, and what parses is digits and one unit.
+            #[test]
+            fn timeout_parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..12)) {
+                if let Ok(v) = HeaderValue::from_bytes(&bytes) {
+                    if parse_timeout(&v).is_some() {
+                        let (digits, unit) = bytes.split_at(bytes.len() - 1);
+                        prop_assert!(!digits.is_empty() && digits.len() <= 8);
+                        prop_assert!(digits.iter().all(u8::is_ascii_digit));
+                        prop_assert!(b"HMSmun".contains(&unit[0]));
+                    }
+                    let mut h = HeaderMap::new();
+                    h.insert("grpc-timeout", v.clone());
+                    h.insert("x-bin", v.clone());
+                    let checked = check_request_headers(&mut h);
+                    let bin_ok = is_base64_list(v.as_bytes());
+                    prop_assert_eq!(checked.is_ok(), parse_timeout(&v).is_some() && bin_ok);
+                }
+            }
+
+            /// Any text, control characters and non-ASCII included, is sent as visible ASCII and
+            /// decodes back to itself.
+            #[test]
+            fn message_round_trip(msg in any::<String>()) {
+                let encoded = encode_message(&msg);
+                prop_assert!(encoded.bytes().all(|b| (0x20..=0x7e).contains(&b)), "{encoded:?}");
+                let v = HeaderValue::from_str(&encoded).expect("a valid header value");
+                prop_assert_eq!(decode_message(&v), msg);
+            }
+
+            /// A peer's `grpc-message`, whatever its bytes: no panic.
+            #[test]
+            fn message_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+                if let Ok(v) = HeaderValue::from_bytes(&bytes) {
+                    let _ = decode_message(&v);
+                }
+            }
+        }
+    }
 }

@@ -27,11 +27,10 @@ use crate::config::ListenerConfig;
 use crate::metrics::ListenerMetrics;
 use crate::proxy;
 use crate::router::Router;
-use crate::tls::server_tls_config;
 use crate::upstream;
 use crate::worker::{self, Spawner};
 
-mod proxy_protocol;
+pub mod proxy_protocol;
 
 /// The HTTP/2 connection preface every h2 client sends first (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -123,7 +122,7 @@ impl ListenerReload {
         self.0.router.store(Arc::new(router));
     }
 
-    /// Swaps in the new router, limits and TLS config (built with [`server_tls_config`]).
+    /// Swaps in the new router, limits and TLS config (built by the `load` module at the edge).
     /// `max_concurrent_streams` keeps its value from start-up.
     pub fn apply(
         &self,
@@ -140,11 +139,13 @@ impl ListenerReload {
 }
 
 impl Listener {
-    /// Binds the listener's address.
+    /// Binds the listener's address. `tls` is its rustls config, None for plaintext: built at the
+    /// edge (the `load` module) from the files `config.tls` names, so the listener never reads a file.
     pub async fn bind(
         config: &ListenerConfig,
         router: Router,
         metrics: ListenerMetrics,
+        tls: Option<rustls::ServerConfig>,
     ) -> io::Result<Listener> {
         let tcp = bind(config.listen).map_err(|e| {
             io::Error::new(
@@ -155,12 +156,7 @@ impl Listener {
                 ),
             )
         })?;
-        let tls = match &config.tls {
-            Some(t) => Some(TlsAcceptor::from(Arc::new(
-                server_tls_config(t).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
-            ))),
-            None => None,
-        };
+        let tls = tls.map(|t| TlsAcceptor::from(Arc::new(t)));
         Ok(Listener {
             name: config.name.clone(),
             local_addr: tcp.local_addr()?,

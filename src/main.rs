@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 #[cfg(feature = "demo")]
 use grpcgate::demo;
-use grpcgate::{Config, Gateway};
+use grpcgate::{load, Config, Gateway};
 use tokio::signal::unix::{signal, SignalKind};
 
 // jemalloc rather than glibc malloc. A proxied call allocates and frees the same handful of sizes on
@@ -98,7 +98,7 @@ fn main() -> ExitCode {
         eprintln!("grpcgate: --config FILE is required{or_demo}; see --help");
         return ExitCode::from(2);
     };
-    let config = match Config::from_file(&path) {
+    let config = match load::config_file(&path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
@@ -154,7 +154,7 @@ async fn run(path: PathBuf, config: Config) -> anyhow::Result<()> {
             _ = hup.recv() => {
                 tracing::info!(file = %path.display(), "SIGHUP received: reloading config");
                 // A bad file is reported with its line and key, and the running config stays.
-                match Config::from_file(&path) {
+                match load::config_file(&path) {
                     Ok(config) => {
                         let timeout = config.drain_timeout;
                         if gateway.reload(config).is_ok() {

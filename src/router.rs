@@ -141,4 +141,38 @@ mod tests {
         assert_eq!(split_path("echo.Echo/Unary"), None);
         assert_eq!(split_path("/a/b/c"), None);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: 4000,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            /// `/service/method` with non-empty parts free of '/' splits back into them.
+            #[test]
+            fn split_round_trip(service in "[^/]{1,40}", method in "[^/]{1,40}") {
+                let path = format!("/{service}/{method}");
+                prop_assert_eq!(split_path(&path), Some((service.as_str(), method.as_str())));
+            }
+
+            /// Any path: no panic, and a split puts the path back together exactly.
+            #[test]
+            fn split_is_exact_or_none(path in "(/|[a-zA-Z0-9._]|\\PC){0,24}") {
+                if let Some((service, method)) = split_path(&path) {
+                    prop_assert!(!service.is_empty() && !method.is_empty());
+                    prop_assert!(!method.contains('/'));
+                    prop_assert_eq!(format!("/{service}/{method}"), path);
+                } else {
+                    let parts: Vec<&str> = path.split('/').collect();
+                    let well_formed = parts.len() == 3 && parts[0].is_empty() && !parts[1].is_empty() && !parts[2].is_empty();
+                    prop_assert!(!well_formed, "{path:?} was not split");
+                }
+            }
+        }
+    }
 }

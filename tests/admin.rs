@@ -213,6 +213,48 @@ async fn busy_keep_alive_connection_is_closed_at_the_max_age() {
 /// in the backlog and keeps the listener readable. The process must log that once and stay near idle
 /// (the old loop retried at once and used ~95 % of a core).
 #[cfg(target_os = "linux")]
+/// An NLB with PROXY protocol on its target group sends the header on health-check connections
+/// too: `/ready` answers after a v1 line or a v2 LOCAL header, as without one; a broken header gets
+/// the connection closed without an answer, and a header split over two writes still works.
+#[tokio::test(start_paused = true)]
+async fn health_checks_with_a_proxy_header_are_answered() {
+    let (_gw, admin, _hold) = gateway().await;
+    let get = |prefix: Vec<u8>, split: usize| async move {
+        let mut s = connect(admin).await;
+        let mut req = prefix;
+        req.extend_from_slice(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        s.write_all(&req[..split]).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        s.write_all(&req[split..]).await.expect("write");
+        let mut buf = Vec::new();
+        let _ = bounded(s.read_to_end(&mut buf)).await;
+        String::from_utf8_lossy(&buf).into_owned()
+    };
+    let v1 = b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 9901\r\n".to_vec();
+    let mut v2_local = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    v2_local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+    for (name, prefix) in [
+        ("none", Vec::new()),
+        ("v1", v1.clone()),
+        ("v2 LOCAL", v2_local),
+    ] {
+        for split in [1, 3, prefix.len().max(1)] {
+            let reply = get(prefix.clone(), split).await;
+            assert!(
+                reply.starts_with("HTTP/1.1 200"),
+                "{name} header, first write {split} bytes: {reply:?}"
+            );
+        }
+    }
+    let mut broken = v1;
+    broken[10] = b'X'; // "PROXY TCP4" -> "PROXY TCPX"
+    assert_eq!(
+        get(broken, 1).await,
+        "",
+        "a broken PROXY header gets no answer"
+    );
+}
+
 #[tokio::test]
 async fn accept_out_of_file_descriptors_backs_off_instead_of_spinning() {
     use std::process::Stdio;

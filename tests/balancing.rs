@@ -1,6 +1,6 @@
 //! End-to-end tests of the balancers (issue 5): real echo backends on loopback, an in-process gateway,
 //! real tonic clients with many concurrent callers. Every balancer is run through the same scenarios:
-//! equal backends, one backend 20× slower, weights 1:3, in-flight accounting after every kind of call
+//! equal backends, one backend that does not answer, weights 1:3, in-flight accounting after every kind of call
 //! ending, and unhealthy/ejected endpoints.
 //!
 //! Shares are counted twice: by the `backend` field of each response and by
@@ -153,12 +153,6 @@ async fn check_metrics_agree(
     }
 }
 
-/// `name`'s share of all calls in `counts`.
-fn share(counts: &BTreeMap<String, usize>, name: &str) -> f64 {
-    let total: usize = counts.values().sum();
-    counts.get(name).copied().unwrap_or(0) as f64 / total as f64
-}
-
 /// Runs a blocking `EchoBackend::kill` without stalling the runtime (needs the multi-thread flavor).
 fn kill(b: &mut EchoBackend) {
     tokio::task::block_in_place(|| b.kill());
@@ -198,53 +192,119 @@ fn in_flight(s: &prometheus_parse::Scrape, cluster: &str) -> f64 {
     sample(s, "grpcgate_endpoint_in_flight", &[("cluster", cluster)])
 }
 
+/// Runs `total` unary calls one after another, each picked on an idle cluster: before each call, waits
+/// until the balancer sees no call in flight (the previous call's count is dropped just after its last
+/// frame goes out, which can be after the client has seen it). Every pick is then the balancer's choice
+/// on equal loads, whatever the machine's load, so random tie-breaks give a binomial count.
+/// `held`: calls the test keeps in flight on purpose, which stay counted.
+async fn idle_picks(
+    gw: &Gateway,
+    client: &EchoClient<Channel>,
+    total: usize,
+    held: usize,
+) -> BTreeMap<String, usize> {
+    let mut c = client.clone();
+    let mut counts = BTreeMap::<String, usize>::new();
+    for _ in 0..total {
+        wait_in_flight(gw, held).await;
+        let r = bounded(c.unary(EchoRequest::default()))
+            .await
+            .unwrap_or_else(|s| panic!("call failed: {s:?}"))
+            .into_inner();
+        *counts.entry(r.backend).or_default() += 1;
+    }
+    counts
+}
+
+/// Waits (bounded) until the balancers count exactly `n` calls in flight over every cluster.
+async fn wait_in_flight(gw: &Gateway, n: usize) {
+    let count = || -> usize {
+        gw.clusters()
+            .iter()
+            .flat_map(|c| c.endpoints.iter())
+            .map(|e| e.in_flight())
+            .sum()
+    };
+    bounded(async {
+        // Polled: the count has no notification.
+        while count() != n {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+}
+
+/// Asserts that `got` of `n` independent picks, each going this way with probability `p`, is within
+/// six standard deviations of the mean: a false failure has odds of about one in 500 million.
+fn assert_binomial(what: &str, got: usize, n: usize, p: f64) {
+    let (mean, sd) = (n as f64 * p, (n as f64 * p * (1.0 - p)).sqrt());
+    assert!(
+        (got as f64 - mean).abs() <= 6.0 * sd,
+        "{what}: {got} of {n}, want {mean} ± {:.0} (6 σ)",
+        6.0 * sd
+    );
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Two backends of equal capacity: an even spread (round robin exactly even)
 // ---------------------------------------------------------------------------------------------------
 
+/// Round robin with 16 concurrent callers: exactly even. The load-aware balancers, called on an idle
+/// cluster each time (see [`idle_picks`]): a fair coin between equals.
 async fn equal_backends_share_evenly(balancer: &str) {
-    const CALLS: usize = 10_000;
     let b0 = backend("b0", 0).await;
     let b1 = backend("b1", 0).await;
     let gw = start(&gateway_config(balancer, &endpoint_list(&[&b0, &b1]), "")).await;
     let client = edge_client(&gw).await;
-    let counts = spread_calls(&client, CALLS, 16).await;
-    eprintln!("{balancer}: equal backends: {counts:?}");
-    if balancer == "round_robin" {
+    let counts = if balancer == "round_robin" {
+        let counts = spread_calls(&client, 10_000, 16).await;
         let want: BTreeMap<String, usize> =
             [("b0".to_string(), 5000), ("b1".to_string(), 5000)].into();
         assert_eq!(counts, want, "round robin must be exact");
+        counts
     } else {
-        // These balancers follow in-flight counts, so a backend that the scheduler delays (20 tests
-        // share 2 cores here) rightly gets fewer calls: runs of this test measured 46-54 % for b0
-        // and, now and then, 42 %. A tie-breaking or counting bug skews much further.
-        let s0 = share(&counts, "b0");
-        assert!(
-            (s0 - 0.5).abs() <= 0.10,
-            "{balancer}: b0 got {:.1}% of calls, want 50 ± 10 %: {counts:?}",
-            s0 * 100.0
-        );
-    }
+        const CALLS: usize = 3000;
+        let counts = idle_picks(&gw, &client, CALLS, 0).await;
+        let b0_calls = counts.get("b0").copied().unwrap_or(0);
+        assert_binomial(&format!("{balancer}: b0's calls"), b0_calls, CALLS, 0.5);
+        counts
+    };
+    eprintln!("{balancer}: equal backends: {counts:?}");
     check_metrics_agree(&gw, &counts, &[("b0", b0.addr), ("b1", b1.addr)]).await;
 }
 
 per_balancer!(equal_backends, equal_backends_share_evenly);
 
 // ---------------------------------------------------------------------------------------------------
-// One backend 20× slower: load-aware balancers route around it, round robin does not
+// One backend that does not answer: load-aware balancers route around it, round robin does not
 // ---------------------------------------------------------------------------------------------------
 
-/// Fast backend: 25 ms per call, slow: 500 ms (20×), 32 concurrent callers. With the load-aware
-/// balancers both endpoints hold about the same number of calls in flight, so the slow share is about
-/// (fast latency) / (fast + slow latency): ~5 % plus the per-call overhead of clients, proxy and
-/// backends. That overhead is large in a debug build on 2 shared cores (the whole setup tops out near
-/// 1000 calls/s, so at full speed every call waits several ms for CPU), hence delays large next to
-/// it: with 1 ms/20 ms the slow share measured 15-16 %, with 10 ms/200 ms 13 %.
-/// Round robin's share is exact, so it needs fewer calls (it waits on the slow backend a lot).
+/// A fast backend and a slow one. Round robin, the control, sends the slow one every other call:
+/// with sequential calls, exactly half. The load-aware balancers are shown, by count rather than by
+/// timing, to route around a backend with calls in flight: calls go one at a time until one lands on
+/// a slow backend that holds it for longer than the test runs; from then on, with that call held and
+/// the fast backend idle before each pick, every one of 200 calls must go to the fast backend (with
+/// two endpoints both compare their loads, and 1 > 0 whatever the machine's load).
 async fn slow_backend_gets_few_calls(balancer: &str) {
-    let calls = if balancer == "round_robin" { 320 } else { 800 };
-    let fast = backend("fast", 25).await;
-    let slow = backend("slow", 500).await;
+    if balancer == "round_robin" {
+        let fast = backend("fast", 0).await;
+        let slow = backend("slow", 20).await;
+        let gw = start(&gateway_config(
+            balancer,
+            &endpoint_list(&[&fast, &slow]),
+            "",
+        ))
+        .await;
+        let client = edge_client(&gw).await;
+        let counts = spread_calls(&client, 200, 1).await;
+        let want: BTreeMap<String, usize> =
+            [("fast".to_string(), 100), ("slow".to_string(), 100)].into();
+        assert_eq!(counts, want, "round robin must be exact");
+        check_metrics_agree(&gw, &counts, &[("fast", fast.addr), ("slow", slow.addr)]).await;
+        return;
+    }
+    let fast = backend("fast", 0).await;
+    let slow = backend("slow", 3_600_000).await;
     let gw = start(&gateway_config(
         balancer,
         &endpoint_list(&[&fast, &slow]),
@@ -252,26 +312,46 @@ async fn slow_backend_gets_few_calls(balancer: &str) {
     ))
     .await;
     let client = edge_client(&gw).await;
-    let counts = spread_calls(&client, calls, 32).await;
-    let slow_share = share(&counts, "slow");
-    eprintln!(
-        "{balancer}: slow backend got {:.1}% of {calls} calls: {counts:?}",
-        slow_share * 100.0
-    );
-    if balancer == "round_robin" {
-        assert!(
-            (slow_share - 0.5).abs() <= 0.02,
-            "round robin: slow got {:.1}%, want 50 ± 2 %: {counts:?}",
-            slow_share * 100.0
-        );
-    } else {
-        assert!(
-            slow_share < 0.15,
-            "{balancer}: slow got {:.1}%, want < 15 %: {counts:?}",
-            slow_share * 100.0
-        );
+    // One at a time until the slow backend holds a call: each pick between two idle endpoints is a
+    // coin flip, so 100 picks all going to the fast one would be a bug (odds 2^-100).
+    let mut held = None;
+    for _ in 0..100 {
+        wait_in_flight(&gw, 0).await;
+        let mut c = client.clone();
+        let mut call = tokio::spawn(async move { c.unary(EchoRequest::default()).await });
+        let answered = bounded(async {
+            tokio::select! {
+                r = &mut call => Some(r),
+                _ = slow.stats.wait_started(1) => None,
+            }
+        })
+        .await;
+        match answered {
+            Some(r) => {
+                let r = r
+                    .expect("call task")
+                    .unwrap_or_else(|s| panic!("call failed: {s:?}"));
+                assert_eq!(r.into_inner().backend, "fast");
+            }
+            None => {
+                held = Some(call);
+                break;
+            }
+        }
     }
-    check_metrics_agree(&gw, &counts, &[("fast", fast.addr), ("slow", slow.addr)]).await;
+    let held =
+        held.unwrap_or_else(|| panic!("{balancer}: 100 idle picks never chose the slow backend"));
+    let counts = idle_picks(&gw, &client, 200, 1).await;
+    let want: BTreeMap<String, usize> = [("fast".to_string(), 200)].into();
+    assert_eq!(
+        counts, want,
+        "{balancer}: a call went to the backend with a call in flight"
+    );
+    assert_eq!(slow.stats.started.load(SeqCst), 1);
+    // The held call, cancelled by its client, is cancelled through to the slow backend.
+    held.abort();
+    bounded(slow.stats.wait_cancelled(1)).await;
+    wait_in_flight(&gw, 0).await;
 }
 
 per_balancer!(slow_backend, slow_backend_gets_few_calls);
@@ -280,41 +360,36 @@ per_balancer!(slow_backend, slow_backend_gets_few_calls);
 // Weights 1:3 give 25/75
 // ---------------------------------------------------------------------------------------------------
 
-/// Both backends wait 120 ms per call, so their latency (which the load-aware balancers react to) is
-/// the same whatever share they get, and the spread reflects the weights only. (Without a delay the
-/// calls are CPU-bound in a debug build, and the heavy backend, on its own single thread with 3× the
-/// calls, answers more slowly, which the load-aware balancers rightly count against it.)
-/// 64 callers: in-flight counts are integers, and a load-aware balancer picks the weight-1 endpoint
-/// whenever its count is below a quarter of the total k, so it holds about ceil(k/4) of k calls, a bias
-/// toward it that shrinks as k grows (JSQ measured 26-27.6 % with 16 or 32 callers).
-/// Round robin is exact, so it needs fewer calls.
+/// Round robin with 64 concurrent callers: exactly 1:3. The load-aware balancers on an idle cluster
+/// (see [`idle_picks`]) pick in proportion to weight: a binomial count with p = 1/4.
 async fn weights_one_to_three(balancer: &str) {
-    let calls = if balancer == "round_robin" { 800 } else { 1600 };
-    let light = backend("light", 120).await;
-    let heavy = backend("heavy", 120).await;
+    let light = backend("light", 0).await;
+    let heavy = backend("heavy", 0).await;
     let endpoints = format!(
         r#"["{}", {{ address = "{}", weight = 3 }}]"#,
         light.addr, heavy.addr
     );
     let gw = start(&gateway_config(balancer, &endpoints, "")).await;
     let client = edge_client(&gw).await;
-    let counts = spread_calls(&client, calls, 64).await;
-    let light_share = share(&counts, "light");
-    eprintln!(
-        "{balancer}: weight-1 backend got {:.1}% of {calls} calls: {counts:?}",
-        light_share * 100.0
-    );
-    if balancer == "round_robin" {
+    let counts = if balancer == "round_robin" {
+        let counts = spread_calls(&client, 800, 64).await;
         let want: BTreeMap<String, usize> =
             [("heavy".to_string(), 600), ("light".to_string(), 200)].into();
         assert_eq!(counts, want, "weighted round robin must be exact");
+        counts
     } else {
-        assert!(
-            (light_share - 0.25).abs() <= 0.03,
-            "{balancer}: weight-1 backend got {:.1}%, want 25 ± 3 %: {counts:?}",
-            light_share * 100.0
+        const CALLS: usize = 3000;
+        let counts = idle_picks(&gw, &client, CALLS, 0).await;
+        let light_calls = counts.get("light").copied().unwrap_or(0);
+        assert_binomial(
+            &format!("{balancer}: the weight-1 backend's calls"),
+            light_calls,
+            CALLS,
+            0.25,
         );
-    }
+        counts
+    };
+    eprintln!("{balancer}: weights 1:3: {counts:?}");
     check_metrics_agree(
         &gw,
         &counts,

@@ -7,31 +7,16 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::process::ExitStatus;
 use std::time::Duration;
 
+use common::binary::{grpcgate, try_http_get, write_config, GrpcGate};
 use common::{bounded, WAIT};
 use grpcgate::echo::EchoBackend;
 use grpcgate::pb::echo::echo_client::EchoClient;
 use grpcgate::pb::echo::EchoRequest;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::Notify;
 use tonic::transport::Endpoint;
-
-const BIN: &str = env!("CARGO_BIN_EXE_grpcgate");
-
-/// A command for the binary with a predictable log format.
-fn grpcgate() -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    cmd
-}
 
 /// The result of running the binary to completion.
 struct Output {
@@ -51,13 +36,6 @@ async fn run(args: &[&str]) -> Output {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
-}
-
-/// Writes `text` as `grpcgate.toml` into `dir` and returns its path.
-fn write_config(dir: &Path, text: &str) -> PathBuf {
-    let path = dir.join("grpcgate.toml");
-    std::fs::write(&path, text).expect("write config");
-    path
 }
 
 /// `grpcgate --config <file with text> --check`; returns the output and the file's path.
@@ -323,6 +301,20 @@ async fn check_rejects_a_cert_file_without_a_certificate() {
     );
 }
 
+/// `cert = "/dev/zero"` was read until memory ran out: now `--check` stops at the 1 MiB limit and
+/// names the line, the key and the limit (`run` bounds the wait).
+#[tokio::test]
+async fn check_rejects_an_endless_cert_file_at_the_size_limit() {
+    assert_check_fails(
+        &good_with(
+            "listen = \"127.0.0.1:8443\"\n",
+            "listen = \"127.0.0.1:8443\"\n\n[listeners.tls]\ncert = \"/dev/zero\"\nkey = \"/dev/zero\"\n",
+        ),
+        "{path}:9:8: listeners[0].tls.cert: cannot read /dev/zero: larger than 1 MiB, the limit for a PEM file",
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn check_on_a_missing_config_file_fails() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -342,54 +334,19 @@ async fn check_on_a_missing_config_file_fails() {
 
 // ---- the running proxy ----
 
-/// A port that was free a moment ago (bind :0, take the port, close).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The child's stderr, collected line by line.
-#[derive(Default)]
-struct Log {
-    text: Mutex<String>,
-    changed: Notify,
-}
-
-/// A running `grpcgate --config FILE`, killed when dropped.
-struct Proxy {
-    child: Child,
-    log: Arc<Log>,
-    edge: SocketAddr,
-    admin: SocketAddr,
-    config: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        // No-op if it already exited; otherwise do not leak it.
-        let _ = self.child.start_kill();
-    }
-}
-
-impl Proxy {
-    /// Starts the binary with a listener "edge" and an admin server on free ports, routing everything
-    /// to `endpoint`, and waits (bounded) until `/ready` answers 200.
-    async fn start(endpoint: SocketAddr) -> Proxy {
-        let edge: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let text = format!(
-            r#"drain_timeout = "20s"
+/// Starts the binary with a listener "edge" and an admin server, both on port 0 (the binary logs the
+/// addresses it bound), routing everything to `endpoint`, and waits (bounded) until `/ready` answers
+/// 200.
+async fn start_proxy(endpoint: SocketAddr) -> GrpcGate {
+    let text = format!(
+        r#"drain_timeout = "20s"
 
 [admin]
-listen = "{admin}"
+listen = "127.0.0.1:0"
 
 [[listeners]]
 name = "edge"
-listen = "{edge}"
+listen = "127.0.0.1:0"
 
 [[listeners.routes]]
 cluster = "echo"
@@ -398,117 +355,8 @@ cluster = "echo"
 name = "echo"
 endpoints = ["{endpoint}"]
 "#
-        );
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = write_config(dir.path(), &text);
-        let mut child = grpcgate()
-            .arg("--config")
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn grpcgate");
-        let log = Arc::new(Log::default());
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("[grpcgate] {line}");
-                let mut t = sink.text.lock().unwrap();
-                t.push_str(&line);
-                t.push('\n');
-                drop(t);
-                sink.changed.notify_waiters();
-            }
-        });
-        let mut proxy = Proxy {
-            child,
-            log,
-            edge,
-            admin,
-            config: path,
-            _dir: dir,
-        };
-        // Poll readiness, bounded; fail fast if the process died.
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some(status) = proxy.child.try_wait().unwrap() {
-                panic!("grpcgate exited early with {status}:\n{}", proxy.log());
-            }
-            if try_http_get(admin, "/ready").await.map(|r| r.0) == Some(200) {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "grpcgate not ready within {WAIT:?}:\n{}",
-                proxy.log()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        proxy
-    }
-
-    fn log(&self) -> String {
-        self.log.text.lock().unwrap().clone()
-    }
-
-    /// Waits (bounded) until the log contains `needle`.
-    async fn wait_for_log(&self, needle: &str) {
-        let found = tokio::time::timeout(WAIT, async {
-            loop {
-                let changed = self.log.changed.notified();
-                if self.log.text.lock().unwrap().contains(needle) {
-                    return;
-                }
-                changed.await;
-            }
-        })
-        .await;
-        assert!(
-            found.is_ok(),
-            "log never contained {needle:?}:\n{}",
-            self.log()
-        );
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        let pid = self.child.id().expect("still running") as libc::pid_t;
-        // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        let rc = unsafe { libc::kill(pid, sig) };
-        assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
-    }
-
-    /// Waits (bounded) for the process to exit.
-    async fn wait_exit(&mut self) -> ExitStatus {
-        match tokio::time::timeout(WAIT, self.child.wait()).await {
-            Ok(status) => status.expect("wait"),
-            Err(_) => panic!("grpcgate did not exit within {WAIT:?}:\n{}", self.log()),
-        }
-    }
-}
-
-/// A minimal HTTP/1.1 GET that reports failure instead of panicking: `None` if the server cannot be
-/// reached or does not answer within the bound.
-async fn try_http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let fetch = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let status = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Some((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(5), fetch)
-        .await
-        .ok()
-        .flatten()
+    );
+    GrpcGate::spawn(&text).await
 }
 
 /// An echo client over one h2c connection.
@@ -526,7 +374,7 @@ async fn connect(
 /// A proxy in front of an echo backend with one slow unary call (`delay_ms`) in flight when SIGTERM
 /// is sent; returns once `/ready` answers 503.
 struct Draining {
-    proxy: Proxy,
+    proxy: GrpcGate,
     backend: EchoBackend,
     call: tokio::task::JoinHandle<
         Result<tonic::Response<grpcgate::pb::echo::EchoResponse>, tonic::Status>,
@@ -537,8 +385,10 @@ async fn start_draining(delay_ms: u32) -> Draining {
     let backend = EchoBackend::start("slow", Duration::ZERO)
         .await
         .expect("backend");
-    let proxy = Proxy::start(backend.addr).await;
-    let mut c = bounded(connect(proxy.edge)).await.expect("connect");
+    let proxy = start_proxy(backend.addr).await;
+    let mut c = bounded(connect(proxy.listener("edge")))
+        .await
+        .expect("connect");
     let call = tokio::spawn(async move {
         c.unary(EchoRequest {
             payload: b"in flight".to_vec(),
@@ -637,7 +487,9 @@ async fn sigterm_refuses_new_calls_while_draining() {
     // A new client must be turned away promptly (connection refused, or the call fails), not served
     // and not left hanging until the drain is over.
     let attempt = tokio::time::timeout(Duration::from_secs(2), async {
-        let mut c = connect(proxy.edge).await.map_err(|e| e.to_string())?;
+        let mut c = connect(proxy.listener("edge"))
+            .await
+            .map_err(|e| e.to_string())?;
         c.unary(EchoRequest {
             payload: b"late".to_vec(),
             ..Default::default()
@@ -654,11 +506,11 @@ async fn sigterm_refuses_new_calls_while_draining() {
             r.get_ref().backend
         ),
         Err(_) => {
-            let tcp = tokio::net::TcpStream::connect(proxy.edge).await;
+            let tcp = tokio::net::TcpStream::connect(proxy.listener("edge")).await;
             panic!(
                 "a new connection during the drain was neither refused nor failed within 2s (it \
                  hangs); a plain TCP connect to {} {}",
-                proxy.edge,
+                proxy.listener("edge"),
                 if tcp.is_ok() {
                     "still succeeds: the listening socket is still open but nobody accepts"
                 } else {
@@ -693,8 +545,10 @@ async fn sighup_reloads_the_config_and_keeps_the_old_one_when_the_new_one_is_bad
     let b1 = EchoBackend::start("b1", Duration::ZERO)
         .await
         .expect("backend");
-    let mut proxy = Proxy::start(b0.addr).await;
-    let mut c = bounded(connect(proxy.edge)).await.expect("connect");
+    let mut proxy = start_proxy(b0.addr).await;
+    let mut c = bounded(connect(proxy.listener("edge")))
+        .await
+        .expect("connect");
     let backend_of = |r: tonic::Response<grpcgate::pb::echo::EchoResponse>| r.into_inner().backend;
     let call = EchoRequest {
         payload: b"x".to_vec(),

@@ -308,25 +308,6 @@ async fn steady_load_across_connection_age_rotations_has_no_failed_call() {
     assert_eq!(started, u64::from(ok));
 }
 
-/// Whether tonic failed a call because its connection had just received GOAWAY, before the call
-/// left the client: hyper dropped it from its queue (`CANCELLED: operation was canceled`), or h2
-/// refused to open its stream on a connection going away (an h2 GOAWAY NO_ERROR error, which tonic
-/// reports as `INTERNAL: h2 protocol error`). Either way the test checks afterwards that no backend
-/// saw such a call.
-fn unsent_in_client(s: &tonic::Status) -> bool {
-    if s.code() == tonic::Code::Cancelled && s.message() == "operation was canceled" {
-        return true;
-    }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
-    while let Some(e) = source {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR);
-        }
-        source = e.source();
-    }
-    false
-}
-
 /// The same with a tonic channel. tonic 0.12 on hyper 1.x loses a call sent on a connection that
 /// has just received GOAWAY: hyper's dispatch task, woken by the new request, first sees the
 /// connection refusing new streams and shuts down, dropping the request it has not taken

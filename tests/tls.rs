@@ -86,13 +86,18 @@ fn client_cert(
 
 /// A gateway whose "edge" listener terminates TLS (mTLS when `mtls`) in front of `backends`.
 async fn tls_gateway(pki: &Pki, backends: &[EchoBackend], mtls: bool) -> Gateway {
+    start(&tls_gateway_text(pki, backends, mtls)).await
+}
+
+/// The config of [`tls_gateway`].
+fn tls_gateway_text(pki: &Pki, backends: &[EchoBackend], mtls: bool) -> String {
     let eps: Vec<String> = backends.iter().map(|b| format!("\"{}\"", b.addr)).collect();
     let client_ca = if mtls {
         format!("client_ca = {:?}", pki.path("ca.crt").display().to_string())
     } else {
         String::new()
     };
-    let text = format!(
+    format!(
         r#"
 [admin]
 listen = "127.0.0.1:0"
@@ -116,8 +121,7 @@ endpoints = [{eps}]
         cert = pki.path("server.crt").display().to_string(),
         key = pki.path("server.key").display().to_string(),
         eps = eps.join(", "),
-    );
-    start(&text).await
+    )
 }
 
 /// The client's TLS settings: trusts `ca_pem`, expects the name "localhost", presents `identity`.
@@ -253,6 +257,54 @@ async fn tls_client_that_does_not_trust_the_server_fails() {
     // The right CA still works.
     assert_eq!(
         try_call(addr, tls_config(&pki.ca_pem, None)).await,
+        Ok("b0".to_string())
+    );
+}
+
+/// The config is only text: a reload reads the certificate files again (how a renewed certificate
+/// takes effect), and one that cannot be read (here `/dev/zero`, stopped at the 1 MiB limit) is refused
+/// naming the line and key, with the running certificate kept.
+#[tokio::test]
+async fn reload_reads_the_certificate_again_and_refuses_an_unreadable_one() {
+    let pki = Pki::new();
+    let b = backends(1).await;
+    let text = tls_gateway_text(&pki, &b, false);
+    let gw = start(&text).await;
+    let addr = gw.listener_addr("edge").unwrap();
+
+    // Renew: a certificate from another CA, in the same files.
+    let (new_ca, new_ca_key) = ca("renewed CA");
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = p.signed_by(&key, &new_ca, &new_ca_key).unwrap();
+    std::fs::write(pki.path("server.crt"), cert.pem()).unwrap();
+    std::fs::write(pki.path("server.key"), key.serialize_pem()).unwrap();
+    // Not read until the reload.
+    assert_eq!(
+        try_call(addr, tls_config(&pki.ca_pem, None)).await,
+        Ok("b0".to_string())
+    );
+    gw.reload(parse(&text)).expect("reload");
+    assert_eq!(
+        try_call(addr, tls_config(&new_ca.pem(), None)).await,
+        Ok("b0".to_string())
+    );
+    assert!(try_call(addr, tls_config(&pki.ca_pem, None)).await.is_err());
+
+    let cert_line = text.lines().position(|l| l.starts_with("cert = ")).unwrap() + 1;
+    let e = gw
+        .reload(parse(&text.replace(
+            &format!("{:?}", pki.path("server.crt").display().to_string()),
+            "\"/dev/zero\"",
+        )))
+        .unwrap_err();
+    assert_eq!(
+        e,
+        format!("test.toml:{cert_line}:8: listeners[0].tls.cert: cannot read /dev/zero: larger than 1 MiB, the limit for a PEM file")
+    );
+    assert_eq!(
+        try_call(addr, tls_config(&new_ca.pem(), None)).await,
         Ok("b0".to_string())
     );
 }

@@ -46,6 +46,12 @@ pub trait Balance: Send + Sync {
     /// Recomputes what the balancer derives from the endpoints' reported state (the control plane
     /// calls it every `weight_update_period`; most balancers derive nothing).
     fn refresh(&self, _endpoints: &[Arc<Endpoint>], _now: Instant) {}
+
+    /// Endpoint indices in the order a rotation will reach them, each once, so that a balancer
+    /// built for a new snapshot can go on from the same place; empty for balancers without one.
+    fn upcoming(&self) -> Vec<usize> {
+        Vec::new()
+    }
 }
 
 /// Which endpoints a pick may return.
@@ -65,16 +71,21 @@ impl Eligible {
     }
 }
 
-/// Builds the balancer a cluster's config names, for these endpoints (their current weights).
-pub fn build(config: &ClusterConfig, endpoints: &[Arc<Endpoint>]) -> Box<dyn Balance> {
+/// Builds the balancer a cluster's config names, for these endpoints (their current weights);
+/// a rotation starts at `resume` (an index into `endpoints`) when given.
+pub fn build(
+    config: &ClusterConfig,
+    endpoints: &[Arc<Endpoint>],
+    resume: Option<usize>,
+) -> Box<dyn Balance> {
     let weights: Vec<u32> = endpoints.iter().map(|e| e.weight()).collect();
     match config.balancer {
-        BalancerKind::RoundRobin => Box::new(RoundRobin::new(&weights)),
+        BalancerKind::RoundRobin => Box::new(RoundRobin::starting_at(&weights, resume)),
         BalancerKind::JoinShortestQueue => Box::new(JoinShortestQueue),
         BalancerKind::LeastRequest => Box::new(LeastRequest::new(&weights, config.choice_count)),
         BalancerKind::PeakEwma => Box::new(PeakEwma::new(&weights)),
         BalancerKind::WeightedRoundRobin => {
-            Box::new(WeightedRoundRobin::new(config.orca, &weights))
+            Box::new(WeightedRoundRobin::new(config.orca, &weights, resume))
         }
     }
 }
@@ -440,12 +451,19 @@ impl Cluster {
                 }
             }
         }
+        // The balancer's place: the first endpoint the old rotation would reach that is still here.
+        let resume = previous.and_then(|p| {
+            p.balancer.upcoming().into_iter().find_map(|i| {
+                let address = &p.endpoints.get(i)?.address;
+                list.iter().position(|e| &e.address == address)
+            })
+        });
         let cluster = Cluster {
             name: config.name.clone(),
             balancer_kind: config.balancer,
             from_dns: config.source != crate::config::EndpointSource::Static,
             tracks_latency: config.balancer == BalancerKind::PeakEwma,
-            balancer: build(config, &list),
+            balancer: build(config, &list, resume),
             endpoints: list,
             available,
             panic_threshold: config.panic_threshold,
@@ -543,11 +561,16 @@ pub(crate) mod tests {
 
     /// A cluster built from `endpoints = [...]` TOML, with the given balancer.
     pub(crate) fn cluster(balancer: &str, endpoints: &str) -> Cluster {
+        Cluster::new(&cluster_config(balancer, endpoints), &Metrics::new())
+    }
+
+    /// The config of cluster `c` with this balancer and `endpoints` (a TOML array).
+    pub(crate) fn cluster_config(balancer: &str, endpoints: &str) -> ClusterConfig {
         let text = format!(
             "[[listeners]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n[[clusters]]\nname = \"c\"\nbalancer = \"{balancer}\"\nendpoints = {endpoints}\n"
         );
         let config = Config::parse(&text, "t.toml", std::path::Path::new(".")).unwrap();
-        Cluster::new(&config.clusters[0], &Metrics::new())
+        config.clusters.into_iter().next().unwrap()
     }
 
     /// Counts picks per endpoint over `n` picks, holding `hold` calls in flight per pick (0 = none).

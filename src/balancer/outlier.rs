@@ -77,14 +77,19 @@ impl OutlierDetector {
             .min(MAX_EJECTION.max(self.config.base_ejection_time));
         endpoint.ejections.inc();
         tracing::warn!(cluster = %self.cluster, endpoint = %endpoint.address, failures = n, ejection_ms = duration.as_millis() as u64, "endpoint ejected");
-        let endpoint = endpoint.clone();
+        // The timer holds the endpoint weakly: one that leaves its cluster while ejected is dropped
+        // (and its pooled connections closed) when its last call ends, not when the ejection would.
+        let endpoint = Arc::downgrade(endpoint);
         let ejected = self.ejected.clone();
         let cluster = self.cluster.clone();
         tokio::spawn(async move {
             tokio::time::sleep(duration).await;
+            ejected.fetch_sub(1, Ordering::AcqRel);
+            let Some(endpoint) = endpoint.upgrade() else {
+                return;
+            };
             endpoint.consecutive_failures.store(0, Ordering::Relaxed);
             endpoint.set_ejected(false);
-            ejected.fetch_sub(1, Ordering::AcqRel);
             tracing::info!(%cluster, endpoint = %endpoint.address, "endpoint returned from ejection");
         });
     }
@@ -131,5 +136,42 @@ mod tests {
         assert!(!a.is_available(), "the second ejection lasts 2 x base");
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(a.is_available());
+    }
+
+    /// An endpoint that leaves its cluster while ejected is freed (its pool with it) as soon as no
+    /// snapshot and no call holds it, not when the ejection timer ends.
+    #[tokio::test(start_paused = true)]
+    async fn removed_ejected_endpoint_is_not_kept_by_its_timer() {
+        let text = "[[listeners]]\nname = \"l\"\nlisten = \"127.0.0.1:0\"\n[[clusters]]\nname = \"c\"\n\
+                    endpoints = [\"a:1\", \"b:1\"]\n[clusters.outlier_detection]\n\
+                    consecutive_failures = 1\nbase_ejection_time = \"60s\"\nmax_ejection_percent = 50\n";
+        let config = crate::Config::parse(text, "t.toml", std::path::Path::new(".")).unwrap();
+        let metrics = Metrics::new();
+        let cluster = Cluster::new(&config.clusters[0], &metrics);
+        cluster.report(0, true);
+        assert!(cluster.endpoints[0].is_ejected());
+        let a = Arc::downgrade(&cluster.endpoints[0]);
+        let pool = Arc::downgrade(&cluster.endpoints[0].pool);
+        let only_b = vec![config.clusters[0].endpoints[1].clone()];
+        let (next, changes) =
+            Cluster::build(&config.clusters[0], &only_b, &metrics, Some(&cluster));
+        assert_eq!(changes.removed.len(), 1);
+        drop((changes, cluster));
+        tokio::task::yield_now().await;
+        assert!(
+            a.upgrade().is_none(),
+            "the ejection timer keeps the endpoint alive"
+        );
+        assert!(
+            pool.upgrade().is_none(),
+            "the ejection timer keeps the pool alive"
+        );
+        // The timer still frees its slot under max_ejection_percent when it ends.
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        next.report(0, true);
+        assert!(
+            next.endpoints[0].is_ejected(),
+            "b may be ejected once a's slot is free"
+        );
     }
 }

@@ -17,10 +17,35 @@ pub struct RoundRobin {
 impl RoundRobin {
     /// Builds the schedule for these weights.
     pub fn new(weights: &[u32]) -> RoundRobin {
+        Self::starting_at(weights, None)
+    }
+
+    /// Builds the schedule for these weights with the rotation starting at `endpoint`'s first
+    /// slot: a schedule that replaces another (a new snapshot, new reported weights) carries on
+    /// where the old one was instead of sending the next pick to the first endpoint again.
+    pub fn starting_at(weights: &[u32], endpoint: Option<usize>) -> RoundRobin {
+        let schedule = schedule(weights);
+        let next = endpoint
+            .and_then(|e| schedule.iter().position(|&i| i as usize == e))
+            .unwrap_or(0);
         RoundRobin {
-            schedule: schedule(weights),
-            next: AtomicUsize::new(0),
+            schedule,
+            next: AtomicUsize::new(next),
         }
+    }
+
+    /// Endpoint indices in the order the rotation reaches them from where it is, each once.
+    pub fn upcoming(&self) -> Vec<usize> {
+        let len = self.schedule.len();
+        let start = self.next.load(Ordering::Relaxed);
+        let mut order: Vec<usize> = Vec::new();
+        for k in 0..len {
+            let i = self.schedule[start.wrapping_add(k) % len] as usize;
+            if !order.contains(&i) {
+                order.push(i);
+            }
+        }
+        order
     }
 }
 
@@ -85,12 +110,18 @@ impl Balance for RoundRobin {
         self.next.fetch_add(skipped, Ordering::Relaxed);
         Some(i)
     }
+
+    fn upcoming(&self) -> Vec<usize> {
+        RoundRobin::upcoming(self)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balancer::tests::{cluster, spread};
+    use crate::balancer::tests::{cluster, cluster_config, spread};
+    use crate::balancer::Cluster;
+    use crate::metrics::Metrics;
 
     #[test]
     fn swrr_interleaves() {
@@ -116,5 +147,26 @@ mod tests {
         assert_eq!(spread(&c, 3000), vec![1000, 0, 1000, 1000]);
         c.endpoints[2].set_healthy(false);
         assert_eq!(spread(&c, 3000), vec![1500, 0, 0, 1500]);
+    }
+
+    /// A new snapshot carries on the rotation where the old one was (by address), skipping
+    /// endpoints that left, instead of starting over at the first endpoint.
+    #[test]
+    fn new_snapshot_keeps_the_rotation() {
+        let c = cluster("round_robin", r#"["a:1", "b:1", "c:1"]"#);
+        assert_eq!(c.pick(), Some(0));
+        let rebuilt = |c: &Cluster, endpoints: &str| {
+            let config = cluster_config("round_robin", endpoints);
+            Cluster::build(&config, &config.endpoints, &Metrics::new(), Some(c)).0
+        };
+        // d joins: the next pick is still b, and the cycle goes on from there.
+        let c = rebuilt(&c, r#"["a:1", "b:1", "c:1", "d:1"]"#);
+        let picks: Vec<_> = (0..4)
+            .map(|_| c.endpoints[c.pick().unwrap()].address.clone())
+            .collect();
+        assert_eq!(picks, ["b:1", "c:1", "d:1", "a:1"]);
+        // b (next in line) leaves: the rotation goes on with the one after it.
+        let c = rebuilt(&c, r#"["a:1", "c:1", "d:1"]"#);
+        assert_eq!(c.endpoints[c.pick().unwrap()].address, "c:1");
     }
 }

@@ -159,18 +159,18 @@ impl ReportedWeight {
 pub struct WeightedRoundRobin {
     config: OrcaConfig,
     schedule: ArcSwap<RoundRobin>,
-    /// The weights `schedule` was built from: a schedule is replaced only when they change, since a
-    /// new one starts its rotation over.
+    /// The weights `schedule` was built from: a schedule is replaced only when they change.
     weights: parking_lot::Mutex<Vec<u32>>,
 }
 
 impl WeightedRoundRobin {
-    /// Starts as plain (configured-weight) round robin, until weights are reported.
-    pub fn new(config: OrcaConfig, weights: &[u32]) -> WeightedRoundRobin {
+    /// Starts as plain (configured-weight) round robin, until weights are reported; the rotation
+    /// starts at endpoint `resume` when given.
+    pub fn new(config: OrcaConfig, weights: &[u32], resume: Option<usize>) -> WeightedRoundRobin {
         let g = weights.iter().fold(0, |g, &w| gcd(g, w)).max(1);
         WeightedRoundRobin {
             config,
-            schedule: ArcSwap::from_pointee(RoundRobin::new(weights)),
+            schedule: ArcSwap::from_pointee(RoundRobin::starting_at(weights, resume)),
             weights: parking_lot::Mutex::new(weights.iter().map(|w| w / g).collect()),
         }
     }
@@ -219,6 +219,10 @@ impl Balance for WeightedRoundRobin {
         self.schedule.load().pick(endpoints, eligible)
     }
 
+    fn upcoming(&self) -> Vec<usize> {
+        self.schedule.load().upcoming()
+    }
+
     fn refresh(&self, endpoints: &[Arc<Endpoint>], now: Instant) {
         let mut weights = schedule_weights(endpoints, &self.config, now);
         // In lowest terms, so that weights in the same ratio (configured 1:1, reported 1000:1000)
@@ -227,7 +231,9 @@ impl Balance for WeightedRoundRobin {
         weights.iter_mut().for_each(|w| *w /= g);
         let mut current = self.weights.lock();
         if *current != weights {
-            self.schedule.store(Arc::new(RoundRobin::new(&weights)));
+            let resume = self.schedule.load().upcoming().first().copied();
+            self.schedule
+                .store(Arc::new(RoundRobin::starting_at(&weights, resume)));
             *current = weights;
         }
     }

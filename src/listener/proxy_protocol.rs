@@ -255,4 +255,199 @@ mod tests {
         assert!(read(b"GET / HTTP/1.1\r\n\r\n").await.0.is_err());
         assert!(read(b"").await.0.is_err());
     }
+
+    /// Property tests: the header parser against arbitrary bytes, headers built here, and headers
+    /// cut short, read in chunks of any size from a socket that may have more to come.
+    mod properties {
+        use super::*;
+        use futures_util::FutureExt;
+        use proptest::prelude::*;
+        use std::pin::Pin;
+        use std::task::{Context, Poll};
+        use tokio::io::ReadBuf;
+
+        /// A socket that hands out `data` at most `chunk` bytes per read, then either ends (`eof`) or
+        /// has nothing yet (Pending: more may arrive).
+        struct Feed {
+            data: Vec<u8>,
+            pos: usize,
+            chunk: usize,
+            eof: bool,
+        }
+
+        impl AsyncRead for Feed {
+            fn poll_read(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<std::io::Result<()>> {
+                let this = &mut *self;
+                if this.pos == this.data.len() {
+                    return if this.eof {
+                        Poll::Ready(Ok(()))
+                    } else {
+                        Poll::Pending
+                    };
+                }
+                let n = this
+                    .chunk
+                    .min(buf.remaining())
+                    .min(this.data.len() - this.pos);
+                buf.put_slice(&this.data[this.pos..this.pos + n]);
+                this.pos += n;
+                Poll::Ready(Ok(()))
+            }
+        }
+
+        /// Reads a header from `data` in one poll: None if the reader is still waiting for bytes;
+        /// else the result and the bytes left unread.
+        #[allow(clippy::type_complexity)]
+        fn poll_once(
+            data: &[u8],
+            chunk: usize,
+            eof: bool,
+        ) -> Option<(Result<Option<SocketAddr>, String>, Vec<u8>)> {
+            let mut feed = Feed {
+                data: data.to_vec(),
+                pos: 0,
+                chunk,
+                eof,
+            };
+            let r = read_header(&mut feed).now_or_never()?;
+            Some((r, feed.data[feed.pos..].to_vec()))
+        }
+
+        fn v1_line(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+            let family = if src.is_ipv4() { "TCP4" } else { "TCP6" };
+            format!(
+                "PROXY {family} {} {} {} {}\r\n",
+                src.ip(),
+                dst.ip(),
+                src.port(),
+                dst.port()
+            )
+            .into_bytes()
+        }
+
+        fn v2_header(src: SocketAddr, dst: SocketAddr, tlvs: &[u8]) -> Vec<u8> {
+            let (family, mut block) = match (src.ip(), dst.ip()) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => (0x11, [s.octets(), d.octets()].concat()),
+                (IpAddr::V6(s), IpAddr::V6(d)) => (0x21, [s.octets(), d.octets()].concat()),
+                _ => unreachable!("same family"),
+            };
+            block.extend_from_slice(&src.port().to_be_bytes());
+            block.extend_from_slice(&dst.port().to_be_bytes());
+            block.extend_from_slice(tlvs);
+            v2(1, family, &block)
+        }
+
+        /// Source and destination of one family.
+        fn addr_pair() -> impl Strategy<Value = (SocketAddr, SocketAddr)> {
+            prop_oneof![
+                (
+                    any::<[u8; 4]>(),
+                    any::<u16>(),
+                    any::<[u8; 4]>(),
+                    any::<u16>()
+                )
+                    .prop_map(|(s, sp, d, dp)| (
+                        SocketAddr::new(Ipv4Addr::from(s).into(), sp),
+                        SocketAddr::new(Ipv4Addr::from(d).into(), dp)
+                    )),
+                (
+                    any::<[u8; 16]>(),
+                    any::<u16>(),
+                    any::<[u8; 16]>(),
+                    any::<u16>()
+                )
+                    .prop_map(|(s, sp, d, dp)| (
+                        SocketAddr::new(Ipv6Addr::from(s).into(), sp),
+                        SocketAddr::new(Ipv6Addr::from(d).into(), dp)
+                    )),
+            ]
+        }
+
+        /// A valid header (v1 or v2, TLVs of any bytes in v2) and the client address it carries.
+        fn header() -> impl Strategy<Value = (Vec<u8>, SocketAddr)> {
+            (
+                addr_pair(),
+                any::<bool>(),
+                proptest::collection::vec(any::<u8>(), 0..64),
+            )
+                .prop_map(|((src, dst), v1, tlvs)| {
+                    let bytes = if v1 {
+                        v1_line(src, dst)
+                    } else {
+                        v2_header(src, dst, &tlvs)
+                    };
+                    (bytes, src)
+                })
+        }
+
+        /// Bytes that start like a header more often than chance would.
+        fn noise() -> impl Strategy<Value = Vec<u8>> {
+            let starts: Vec<Vec<u8>> = vec![
+                Vec::new(),
+                b"PROXY ".to_vec(),
+                b"PROXY TCP4 ".to_vec(),
+                b"PROXY TCP6 ".to_vec(),
+                b"PROXY UNKNOWN".to_vec(),
+                V2_SIGNATURE.to_vec(),
+                [&V2_SIGNATURE[..], &[0x21, 0x11]].concat(),
+                [&V2_SIGNATURE[..], &[0x21, 0x21, 0x00]].concat(),
+            ];
+            (
+                proptest::sample::select(starts),
+                proptest::collection::vec(any::<u8>(), 0..300),
+            )
+                .prop_map(|(start, tail)| [start, tail].concat())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: 3000,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            /// Arbitrary bytes, ended or not, in chunks of any size: no panic; a header accepted ends
+            /// where v1's CRLF or v2's length says, so what follows is left for the next layer.
+            #[test]
+            fn never_panics_and_never_reads_past_a_header(bytes in noise(), chunk in 1usize..40, eof in any::<bool>()) {
+                if let Some((Ok(_), rest)) = poll_once(&bytes, chunk, eof) {
+                    let used = &bytes[..bytes.len() - rest.len()];
+                    let v1_end = used.starts_with(b"PROXY ") && used.ends_with(b"\r\n")
+                        && !used[..used.len() - 2].windows(2).any(|w| w == b"\r\n");
+                    let v2_end = used.starts_with(&V2_SIGNATURE)
+                        && used.len() == 16 + usize::from(u16::from_be_bytes([used[14], used[15]]));
+                    prop_assert!(v1_end || v2_end, "accepted {used:?}");
+                }
+            }
+
+            /// Headers built here give back their source address, whatever follows them and however
+            /// the socket splits them, and nothing after them is read.
+            #[test]
+            fn built_headers_round_trip(
+                (bytes, src) in header(),
+                after in proptest::collection::vec(any::<u8>(), 0..32),
+                chunk in 1usize..200,
+            ) {
+                let data = [bytes.clone(), after.clone()].concat();
+                let (r, rest) = poll_once(&data, chunk, true).expect("a whole header needs no more bytes");
+                prop_assert_eq!(r, Ok(Some(src)));
+                prop_assert_eq!(rest, after);
+            }
+
+            /// A header cut short: with the socket still open the reader waits for more; once the
+            /// peer has closed, it fails cleanly.
+            #[test]
+            fn truncated_headers_wait_or_fail((bytes, _) in header(), cut in any::<proptest::sample::Index>(), chunk in 1usize..200) {
+                let cut = cut.index(bytes.len());
+                prop_assert!(poll_once(&bytes[..cut], chunk, false).is_none(), "decided on {cut} of {} bytes", bytes.len());
+                let (r, rest) = poll_once(&bytes[..cut], chunk, true).expect("ended");
+                prop_assert!(r.is_err());
+                prop_assert!(rest.is_empty());
+            }
+        }
+    }
 }

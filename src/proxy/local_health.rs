@@ -142,8 +142,17 @@ pub async fn answer_check(
 /// Reads the request's one message, decompresses it as its `grpc-encoding` says and decodes it.
 async fn read_request(req: &mut Request<RecvStream>) -> Result<HealthCheckRequest, Status> {
     let encoding = req.headers().get(&GRPC_ENCODING).cloned();
-    let (compressed, msg) = read_unary(req.body_mut()).await?;
-    let encoding = Encoding::from_header(encoding.as_ref())?;
+    let body = read_body(req.body_mut()).await?;
+    decode_request(encoding.as_ref(), body)
+}
+
+/// Decodes a whole request body: one length-prefixed message, compressed as `encoding` says.
+fn decode_request(
+    encoding: Option<&HeaderValue>,
+    body: Bytes,
+) -> Result<HealthCheckRequest, Status> {
+    let (compressed, msg) = unframe(body)?;
+    let encoding = Encoding::from_header(encoding)?;
     let msg = match (compressed, encoding) {
         (false, _) => msg,
         (true, Encoding::Identity) => return Err(Status::new(
@@ -160,10 +169,11 @@ async fn read_request(req: &mut Request<RecvStream>) -> Result<HealthCheckReques
     })
 }
 
-/// Reads the one length-prefixed message of a unary gRPC request body (at most 64 KiB): whether its
-/// compressed flag is set, and its bytes.
-async fn read_unary(body: &mut RecvStream) -> Result<(bool, Bytes), Status> {
-    const LIMIT: usize = 64 * 1024;
+/// The most a health check request body may hold.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Reads a request body, at most [`MAX_BODY`] bytes of it.
+async fn read_body(body: &mut RecvStream) -> Result<Bytes, Status> {
     let mut buf = BytesMut::new();
     while let Some(chunk) = body.data().await {
         let chunk = chunk.map_err(|e| {
@@ -174,13 +184,19 @@ async fn read_unary(body: &mut RecvStream) -> Result<(bool, Bytes), Status> {
         })?;
         let _ = body.flow_control().release_capacity(chunk.len());
         buf.extend_from_slice(&chunk);
-        if buf.len() > LIMIT {
+        if buf.len() > MAX_BODY {
             return Err(Status::new(
                 Code::ResourceExhausted,
                 "grpcgate: health check request too large",
             ));
         }
     }
+    Ok(buf.freeze())
+}
+
+/// The one length-prefixed message of a unary gRPC request body: whether its compressed flag is set,
+/// and its bytes.
+fn unframe(buf: Bytes) -> Result<(bool, Bytes), Status> {
     if buf.len() < 5 {
         return Err(Status::new(
             Code::Internal,
@@ -204,7 +220,7 @@ async fn read_unary(body: &mut RecvStream) -> Result<(bool, Bytes), Status> {
             "grpcgate: malformed gRPC message framing",
         ));
     }
-    Ok((compressed, buf.freeze().split_off(5)))
+    Ok((compressed, buf.slice(5..)))
 }
 
 #[cfg(test)]
@@ -245,5 +261,98 @@ mod tests {
             Encoding::Gzip.decompress(b"not gzip").unwrap_err().code,
             Code::Internal
         );
+    }
+
+    /// Property tests: the request framing and decoding against requests built here (every
+    /// encoding, any service name), the same cut short or with bytes added, and arbitrary bytes.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use std::io::Write;
+
+        /// A Health/Check request body for `service`, compressed as `encoding` names (None: no
+        /// grpc-encoding header).
+        fn body(service: &str, encoding: Option<&str>) -> Bytes {
+            let msg = HealthCheckRequest {
+                service: service.to_string(),
+            }
+            .encode_to_vec();
+            let (flag, msg) = match encoding {
+                Some("gzip") => {
+                    let mut g =
+                        flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                    g.write_all(&msg).unwrap();
+                    (1, g.finish().unwrap())
+                }
+                Some("deflate") => {
+                    let mut z =
+                        flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+                    z.write_all(&msg).unwrap();
+                    (1, z.finish().unwrap())
+                }
+                _ => (0, msg),
+            };
+            let mut frame = vec![flag];
+            frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+            frame.extend_from_slice(&msg);
+            frame.into()
+        }
+
+        fn encodings() -> impl Strategy<Value = Option<&'static str>> {
+            proptest::sample::select(vec![None, Some("identity"), Some("gzip"), Some("deflate")])
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: 2000,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            /// What a client sends is what the proxy reads, in every encoding it accepts.
+            #[test]
+            fn requests_round_trip(service in "\\PC{0,200}", encoding in encodings()) {
+                let header = encoding.map(HeaderValue::from_static);
+                let r = decode_request(header.as_ref(), body(&service, encoding));
+                match r {
+                    Ok(r) => prop_assert_eq!(r.service, service),
+                    Err(e) => prop_assert!(false, "refused: {}", e.message),
+                }
+            }
+
+            /// A body cut short, or with bytes after its one message, is refused (INTERNAL), not
+            /// misread.
+            #[test]
+            fn bad_framing_is_refused(
+                service in "\\PC{0,40}",
+                encoding in encodings(),
+                cut in any::<proptest::sample::Index>(),
+                extra in proptest::collection::vec(any::<u8>(), 1..16),
+            ) {
+                let header = encoding.map(HeaderValue::from_static);
+                let whole = body(&service, encoding);
+                let short = whole.slice(..cut.index(whole.len()));
+                let e = decode_request(header.as_ref(), short).unwrap_err();
+                prop_assert_eq!(e.code, Code::Internal, "{}", e.message);
+                let long: Bytes = [&whole[..], &extra].concat().into();
+                let e = decode_request(header.as_ref(), long).unwrap_err();
+                prop_assert_eq!(e.code, Code::Internal, "{}", e.message);
+            }
+
+            /// Arbitrary bytes under any encoding header: an answer, never a panic.
+            #[test]
+            fn arbitrary_bodies_never_panic(
+                bytes in proptest::collection::vec(any::<u8>(), 0..300),
+                flag in 0u8..3,
+                encoding in encodings(),
+            ) {
+                let header = encoding.map(HeaderValue::from_static);
+                let mut framed = vec![flag];
+                framed.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+                framed.extend_from_slice(&bytes);
+                let _ = decode_request(header.as_ref(), framed.into());
+                let _ = decode_request(header.as_ref(), bytes.into());
+            }
+        }
     }
 }

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: real echo backends, a real gateway, real clients.
 #![allow(dead_code)]
 
+pub mod binary;
+pub mod dns;
 pub mod hostile;
 
 use std::net::SocketAddr;
@@ -256,4 +258,23 @@ pub async fn wait_sample(
         }
     })
     .await
+}
+
+/// Whether tonic failed a call because its connection had just received GOAWAY, before the call
+/// left the client: hyper dropped it from its queue (`CANCELLED: operation was canceled`), or h2
+/// refused to open its stream on a connection going away (an h2 GOAWAY NO_ERROR error, which tonic
+/// reports as `INTERNAL: h2 protocol error`). A test that sends such a call again must check that the
+/// proxy never counted it (tests/nlb.rs, tests/chaos.rs).
+pub fn unsent_in_client(s: &tonic::Status) -> bool {
+    if s.code() == tonic::Code::Cancelled && s.message() == "operation was canceled" {
+        return true;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR);
+        }
+        source = e.source();
+    }
+    false
 }
