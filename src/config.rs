@@ -40,6 +40,37 @@ pub struct Config {
     pub busy_poll: bool,
     /// Where DNS clusters resolve their names.
     pub dns: DnsConfig,
+    /// `[access_log]`: one JSON line per call; None = off.
+    pub access_log: Option<AccessLogConfig>,
+}
+
+/// The access log (`[access_log]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogConfig {
+    /// Standard output (`path = "-"`) or a file (relative paths from the config file's directory).
+    pub target: AccessLogTarget,
+    /// Records waiting for the writer before new ones are dropped.
+    pub queue: usize,
+    /// Where the config names the file, for errors about it.
+    pub place: Option<Place>,
+}
+
+/// Where the access log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    /// `path = "-"`: the process's standard output.
+    Stdout,
+    /// A file, opened for appending (created if missing).
+    File(PathBuf),
+}
+
+impl fmt::Display for AccessLogTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AccessLogTarget::Stdout => f.write_str("stdout"),
+            AccessLogTarget::File(p) => write!(f, "{}", p.display()),
+        }
+    }
 }
 
 /// The resolver of DNS clusters (`[dns]`).
@@ -352,6 +383,9 @@ const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(5);
 /// RFC 9113 recommends servers allow at least 100 streams; staying at 100 per upstream connection keeps
 /// the blast radius of one connection's failure (or GOAWAY) small and spreads load over more sockets.
 const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 100;
+/// Access log records waiting for the writer: at its 50 ms pace ~300k lines/s, and a few MiB held
+/// while a write is stuck.
+const DEFAULT_ACCESS_LOG_QUEUE: u32 = 16 * 1024;
 
 // ---- raw schema, as written in the file ----
 
@@ -367,6 +401,14 @@ struct RawConfig {
     workers: Option<Spanned<u32>>,
     busy_poll: Option<bool>,
     dns: Option<RawDns>,
+    access_log: Option<RawAccessLog>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccessLog {
+    path: Option<Spanned<String>>,
+    queue: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -785,6 +827,11 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
         },
     };
 
+    let access_log = match &raw.access_log {
+        None => None,
+        Some(a) => Some(validate_access_log(loc, a, base)?),
+    };
+
     Ok(Config {
         origin: loc.file.to_string(),
         admin,
@@ -794,6 +841,43 @@ fn validate(raw: RawConfig, loc: &Locator, base: &Path) -> Result<Config, Config
         workers: loc.int(&raw.workers, "workers", 0..=1024, 0)?,
         busy_poll: raw.busy_poll.unwrap_or(false),
         dns,
+        access_log,
+    })
+}
+
+/// Checks `[access_log]`: `path` is "-" (standard output, also when absent) or a file path (whose
+/// directory `load::access_log_dir` checks).
+fn validate_access_log(
+    loc: &Locator,
+    a: &RawAccessLog,
+    base: &Path,
+) -> Result<AccessLogConfig, ConfigError> {
+    use AccessLogTarget as Target;
+    let queue = loc.int(
+        &a.queue,
+        "access_log.queue",
+        1..=1 << 20,
+        DEFAULT_ACCESS_LOG_QUEUE,
+    )? as usize;
+    let Some(p) = a.path.as_ref().filter(|p| p.get_ref() != "-") else {
+        return Ok(AccessLogConfig {
+            target: Target::Stdout,
+            queue,
+            place: None,
+        });
+    };
+    let value = p.get_ref();
+    if value.is_empty() {
+        return Err(loc.at(
+            p,
+            "access_log.path",
+            "path is empty; use \"-\" for standard output or a file path",
+        ));
+    }
+    Ok(AccessLogConfig {
+        target: Target::File(base.join(value)),
+        queue,
+        place: Some(loc.place(p, "access_log.path")),
     })
 }
 

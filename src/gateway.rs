@@ -14,10 +14,12 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access_log::{self, AccessLog};
 use crate::admin;
 use crate::balancer::{Changes, Cluster};
 use crate::config::{
-    ClusterConfig, Config, DnsConfig, EndpointConfig, EndpointSource, ListenerConfig,
+    AccessLogConfig, AccessLogTarget, ClusterConfig, Config, DnsConfig, EndpointConfig,
+    EndpointSource, ListenerConfig,
 };
 use crate::discovery::{self, DnsTask};
 use crate::health;
@@ -66,6 +68,8 @@ struct Inner {
     dns: DnsConfig,
     /// Built when the first DNS cluster needs it; rebuilt when `[dns]` changes.
     resolver: Option<Arc<TokioResolver>>,
+    /// The access log's writer and its settings, when `[access_log]` is on.
+    access_log: Option<(AccessLogConfig, AccessLog)>,
 }
 
 /// The control plane's side of one cluster.
@@ -132,7 +136,17 @@ impl Gateway {
             metrics: metrics.clone(),
             clusters: ArcSwap::from_pointee(Vec::new()),
             draining: AtomicBool::new(false),
+            access_log: Mutex::new(None),
         });
+        // Before the routers: they take the access log's queue when built.
+        let access_log = match &config.access_log {
+            Some(c) => Some((
+                c.clone(),
+                start_access_log(c, &metrics).map_err(anyhow::Error::msg)?,
+            )),
+            None => None,
+        };
+        *shared.access_log.lock() = access_log.as_ref().map(|(_, l)| l.sender());
         let shutdown = CancellationToken::new();
         let admin_shutdown = CancellationToken::new();
         let connections = TaskTracker::new();
@@ -144,6 +158,7 @@ impl Gateway {
                 clusters: HashMap::new(),
                 dns: config.dns.clone(),
                 resolver: None,
+                access_log,
             }),
             stop: admin_shutdown.clone(),
         });
@@ -229,6 +244,19 @@ impl Gateway {
         let tls = load::listener_tls(config).map_err(|e| e.to_string())?;
         let mut inner = control.inner.lock();
         self.check_no_restart_needed(&inner, config)?;
+        // A new writer on the file, opened now (a file that cannot be opened refuses the reload) and
+        // put in place below. Each reload reopens the file, so `mv access.log access.log.1` and a
+        // SIGHUP (logrotate) starts a new file; standard output stays as it is.
+        let access_log = match (&config.access_log, &inner.access_log) {
+            (Some(new), Some((old, _))) if new == old && new.target == AccessLogTarget::Stdout => {
+                None
+            }
+            (Some(new), _) => Some(Some((
+                new.clone(),
+                start_access_log(new, &control.shared.metrics)?,
+            ))),
+            (None, _) => Some(None),
+        };
         let wants_dns = config
             .clusters
             .iter()
@@ -238,6 +266,12 @@ impl Gateway {
             inner.resolver = Some(discovery::resolver(&config.dns)?);
         }
         inner.dns = config.dns.clone();
+        if let Some(log) = access_log {
+            *control.shared.access_log.lock() = log.as_ref().map(|(_, l)| l.sender());
+            // The old writer, if any, writes what its calls still send it and stops when the last
+            // router holding its queue is gone.
+            inner.access_log = log;
+        }
 
         update_cluster_states(&mut inner, &config.clusters, resolver_changed);
         let names = inner.order.clone();
@@ -331,8 +365,32 @@ impl Gateway {
             );
         }
         self.admin_shutdown.cancel();
+        // Whatever the drained calls logged is written before the process exits; a write stuck on a
+        // pipe nobody reads is given up after a moment.
+        let access_log = self.control.inner.lock().access_log.take();
+        self.control.shared.access_log.lock().take();
+        if let Some((_, log)) = access_log {
+            let _ = tokio::task::spawn_blocking(move || log.close(ACCESS_LOG_CLOSE)).await;
+        }
         drained
     }
+}
+
+/// How long shutdown waits for the access log's last lines to be written.
+const ACCESS_LOG_CLOSE: Duration = Duration::from_secs(2);
+
+/// Opens the access log's destination and starts its writer.
+fn start_access_log(config: &AccessLogConfig, metrics: &Metrics) -> Result<AccessLog, String> {
+    let output = access_log::open(&config.target)
+        .map_err(|e| format!("access_log: cannot open {}: {e}", config.target))?;
+    AccessLog::start(
+        config.target.clone(),
+        output,
+        config.queue,
+        metrics.access_log_lines.clone(),
+        metrics.access_log_dropped.clone(),
+    )
+    .map_err(|e| format!("access_log: cannot start its writer thread: {e}"))
 }
 
 impl Control {

@@ -4,12 +4,14 @@
 //! stream, [`proxy::serve_stream`] asks the [`router`] for a route, the cluster's [`balancer`] for an
 //! endpoint and that endpoint's [`upstream`] pool for an h2c connection, then pumps frames both ways
 //! with HTTP/2 flow control until the trailers. [`grpc`] holds the protocol facts, [`metrics`] the
-//! Prometheus handles and [`admin`] the operator endpoints. [`Gateway`] wires it all together.
-//! [`config`] turns config text into a [`Config`] without touching a file; [`load`] reads the files.
+//! Prometheus handles, [`access_log`] the per-call log and [`admin`] the operator endpoints.
+//! [`Gateway`] wires it all together. [`config`] turns config text into a [`Config`] without
+//! touching a file; [`load`] reads the files.
 //!
 //! The `demo` feature (on by default) adds `demo` and `echo`: the `grpcgate demo` command and the
 //! echo backend it, the tests and the load benchmarks run. The proxy does not need them.
 
+pub mod access_log;
 pub mod admin;
 pub mod balancer;
 pub mod config;

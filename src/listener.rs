@@ -534,6 +534,7 @@ impl ConnectionHandler {
                         req,
                         respond,
                         forwarded_for.as_ref(),
+                        client,
                     )));
                 }
                 Some(Err(e)) => {

@@ -10,7 +10,7 @@ use std::io::{self, Read};
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::config::{Config, ConfigError, FileRef, TlsFiles};
+use crate::config::{AccessLogTarget, Config, ConfigError, FileRef, TlsFiles};
 use crate::tls::{server_tls_config, TlsConfig};
 
 /// The largest config file read. Real ones are a few KiB; this leaves room for thousands of
@@ -45,7 +45,27 @@ pub fn config_file(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let config = Config::parse(&text, &file, &base)?;
     listener_tls(&config)?;
+    access_log_dir(&config)?;
     Ok(config)
+}
+
+/// Checks that the access log's file can be created: its directory exists and the path is not a
+/// directory. The file itself is not created: `--check` changes nothing.
+pub fn access_log_dir(config: &Config) -> Result<(), ConfigError> {
+    let Some(log) = &config.access_log else {
+        return Ok(());
+    };
+    let (AccessLogTarget::File(path), Some(place)) = (&log.target, &log.place) else {
+        return Ok(());
+    };
+    if path.is_dir() {
+        return Err(place.error(format!("{} is a directory, not a file", path.display())));
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+        return Err(place.error(format!("directory {} does not exist", dir.display())));
+    }
+    Ok(())
 }
 
 /// Each listener's rustls server config, in the config's order (None: plaintext h2c), built from its

@@ -37,6 +37,9 @@ pub struct Metrics {
     downstream_closed: IntCounterVec,
     goaways: IntCounterVec,
     proxy_protocol_rejected: IntCounterVec,
+    /// Access log lines written, and records dropped (queue full, or the write failed).
+    pub access_log_lines: IntCounter,
+    pub access_log_dropped: IntCounter,
 }
 
 /// A listener's connection metrics.
@@ -187,6 +190,21 @@ impl Metrics {
             &["cluster", "result"],
         )
         .expect("valid metric");
+        let access_log_lines = IntCounter::new(
+            "grpcgate_access_log_lines_total",
+            "Access log lines written.",
+        )
+        .expect("valid metric");
+        let access_log_dropped = IntCounter::new(
+            "grpcgate_access_log_dropped_total",
+            "Access log lines dropped: the writer's queue was full (the disk or pipe was slower than the calls) or the write failed.",
+        )
+        .expect("valid metric");
+        for c in [&access_log_lines, &access_log_dropped] {
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+        }
         for c in [
             &downstream_accepted,
             &downstream_rejected,
@@ -231,6 +249,8 @@ impl Metrics {
             downstream_closed,
             goaways,
             proxy_protocol_rejected,
+            access_log_lines,
+            access_log_dropped,
         })
     }
 

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::access_log;
 use crate::balancer::Cluster;
 use crate::config::ListenerConfig;
 use crate::grpc::HEALTH_SERVICE;
@@ -44,6 +45,8 @@ pub struct Router {
     pub answers_health: bool,
     /// Gateway state the proxy's own health answer reads.
     pub shared: Arc<Shared>,
+    /// Where calls send their access log records, when `[access_log]` is on.
+    pub access_log: Option<access_log::Sender>,
 }
 
 impl Router {
@@ -88,14 +91,34 @@ impl Router {
                 .iter()
                 .any(|r| r.service.as_deref() == Some(HEALTH_SERVICE)),
             shared: shared.clone(),
+            access_log: shared.access_log.lock().clone(),
         }
     }
 
-    /// The route for a request path, if any. A path that is not `/service/method` only matches catch-all
-    /// routes.
-    pub fn route(&self, path: &str) -> Option<&Route> {
+    /// The route for a request path, if any, and its position (for the access log). A path that is
+    /// not `/service/method` only matches catch-all routes.
+    pub fn route(&self, path: &str) -> Option<(usize, &Route)> {
         let (service, method) = split_path(path).unwrap_or(("", ""));
-        self.routes.iter().find(|r| r.matches(service, method))
+        self.routes
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.matches(service, method))
+    }
+}
+
+/// The names an access log line gives a call's numbers.
+impl access_log::Names for Router {
+    fn listener(&self) -> &str {
+        &self.listener
+    }
+
+    fn cluster(&self, route: usize) -> Option<&str> {
+        self.routes.get(route).map(|r| r.cluster.name.as_str())
+    }
+
+    fn endpoint(&self, route: usize, endpoint: usize) -> Option<&str> {
+        let cluster = &self.routes.get(route)?.cluster;
+        cluster.endpoints.get(endpoint).map(|e| e.address.as_str())
     }
 }
 

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 
+use crate::access_log;
 use crate::balancer::Cluster;
 use crate::metrics::Metrics;
 
@@ -17,6 +19,9 @@ pub struct Shared {
     pub(crate) clusters: ArcSwap<Vec<Arc<Cluster>>>,
     /// Set once shutdown begins: `/ready` answers 503 from then on.
     pub draining: AtomicBool,
+    /// The access log's queue, if `[access_log]` is on: routers take a handle when built, so the
+    /// call path reads it from its router, never from here.
+    pub access_log: Mutex<Option<access_log::Sender>>,
 }
 
 impl Shared {

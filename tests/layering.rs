@@ -23,6 +23,7 @@ const LEAVES: &[(&str, &[&str])] = &[
     ("tls", &[]),
     ("config", &[]),
     ("metrics", &["grpc"]),
+    ("access_log", &["config"]),
 ];
 
 /// What a module that does no I/O and builds no TLS never names (in code; comments are skipped):

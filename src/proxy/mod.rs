@@ -7,6 +7,7 @@
 //! HTTP/2 flow control holds end to end and a stream never buffers more than one window.
 
 use std::future::{poll_fn, Future};
+use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::Poll;
@@ -15,12 +16,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
-use http::header::CONTENT_TYPE;
 use http::header::{Entry, HeaderName};
+use http::header::{CONTENT_TYPE, HOST};
 use http::uri::{Parts, Scheme};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
 use tokio::time::{Instant, Sleep};
 
+use crate::access_log::{self, Record};
 use crate::balancer::{Cluster, Endpoint, InFlight};
 use crate::grpc::{self, refused, Code, Status, GRPC_STATUS, GRPC_TIMEOUT};
 use crate::router::{Route, Router};
@@ -41,14 +43,21 @@ use replay::Replay;
 ///
 /// `forwarded_for`: the client's address, appended to the request's `x-forwarded-for` here, before
 /// the call's future is built, so that the future holds nothing for it (see [`append_forwarded_for`]).
+/// `client`: the same address with its port, for the access log.
 pub fn serve_stream(
     router: Arc<Router>,
     mut req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     forwarded_for: Option<&HeaderValue>,
+    client: SocketAddr,
 ) -> impl Future<Output = ()> + Send + 'static {
     // The call's clock starts when h2 hands the stream over, not when its task first runs.
     let start = Instant::now();
+    // Started here, so the call's future holds one pointer for it (and nothing when it is off).
+    let record = router
+        .access_log
+        .as_ref()
+        .map(|_| start_record(&req, client, start));
     if let Some(client) = forwarded_for {
         append_forwarded_for(req.headers_mut(), client);
     }
@@ -65,9 +74,16 @@ pub fn serve_stream(
             ))
             .await;
             router.local.inc(code);
+            log_call(
+                &router,
+                record,
+                start.elapsed(),
+                None,
+                &Ended::at_proxy(None, code),
+            );
             return;
         }
-        let Some(route) = router.route(path) else {
+        let Some((route_idx, route)) = router.route(path) else {
             let status = Status::new(
                 Code::Unimplemented,
                 format!(
@@ -77,11 +93,14 @@ pub fn serve_stream(
             );
             reply(&mut respond, &status);
             router.local.inc(status.code);
+            let ended = Ended::at_proxy(None, status.code);
+            log_call(&router, record, start.elapsed(), None, &ended);
             return;
         };
         let cluster = &route.cluster;
-        let (endpoint, code) = forward(route, req, &mut respond, start).await;
-        let counters = match endpoint {
+        let ended = forward(route, req, &mut respond, start).await;
+        let code = ended.code;
+        let counters = match ended.endpoint {
             Some(i) => {
                 cluster.report(i, code == Code::Unavailable);
                 &route.counters[i]
@@ -89,8 +108,73 @@ pub fn serve_stream(
             None => route.unrouted_counters(),
         };
         counters.inc(code);
-        cluster.duration.observe(start.elapsed().as_secs_f64());
+        let elapsed = start.elapsed();
+        cluster.duration.observe(elapsed.as_secs_f64());
+        log_call(&router, record, elapsed, Some(route_idx), &ended);
     }
+}
+
+/// How a call ended: where it went, its status, and what went through.
+struct Ended {
+    /// The endpoint's index in the cluster; None: no endpoint was picked.
+    endpoint: Option<usize>,
+    code: Code,
+    /// DATA payload bytes forwarded to the upstream and to the client.
+    request_bytes: u64,
+    response_bytes: u64,
+    /// Times the call was sent again after a refusal.
+    retries: u8,
+}
+
+impl Ended {
+    /// A call that ended before anything went through.
+    fn at_proxy(endpoint: Option<usize>, code: Code) -> Ended {
+        Ended {
+            endpoint,
+            code,
+            request_bytes: 0,
+            response_bytes: 0,
+            retries: 0,
+        }
+    }
+}
+
+/// The access log record of a call that just arrived: its client, `:authority` (or `host`) and path.
+fn start_record(req: &Request<RecvStream>, client: SocketAddr, start: Instant) -> Box<Record> {
+    let uri = req.uri();
+    let authority = match uri.authority() {
+        Some(a) => Some(a.as_str().as_bytes()),
+        None => req.headers().get(HOST).map(HeaderValue::as_bytes),
+    };
+    let path = uri.path_and_query().map_or("", |p| p.as_str());
+    Record::start(start.into_std(), client, authority, path.as_bytes())
+}
+
+/// Completes a call's access log record and queues it for the writer (without waiting).
+fn log_call(
+    router: &Arc<Router>,
+    record: Option<Box<Record>>,
+    duration: Duration,
+    route: Option<usize>,
+    ended: &Ended,
+) {
+    let (Some(mut record), Some(log)) = (record, &router.access_log) else {
+        return;
+    };
+    let names: Arc<dyn access_log::Names> = router.clone();
+    record.finish(
+        names,
+        duration,
+        &access_log::Outcome {
+            route,
+            endpoint: ended.endpoint,
+            grpc_status: ended.code as u8,
+            request_bytes: ended.request_bytes,
+            response_bytes: ended.response_bytes,
+            retries: ended.retries,
+        },
+    );
+    log.send(record);
 }
 
 /// `x-forwarded-for`, as Envoy and HAProxy write it.
@@ -128,8 +212,8 @@ fn reply(respond: &mut SendResponse<Bytes>, status: &Status) {
     let _ = respond.send_response(status.to_trailers_only(), true);
 }
 
-/// Forwards one call; returns the endpoint it went to (if any) and the status it ended with.
-/// (An `async move` block, like [`serve_stream`], so the request is held once, not twice.)
+/// Forwards one call; returns the endpoint it went to (if any), the status it ended with and what went
+/// through. (An `async move` block, like [`serve_stream`], so the request is held once, not twice.)
 ///
 /// The call goes through three steps, each its own function: [`send_call`] picks an endpoint, sends
 /// the call and waits for the response head (sending the call again if the upstream refuses it),
@@ -140,7 +224,7 @@ fn forward<'a>(
     req: Request<RecvStream>,
     respond: &'a mut SendResponse<Bytes>,
     start: Instant,
-) -> impl Future<Output = (Option<usize>, Code)> + Send + 'a {
+) -> impl Future<Output = Ended> + Send + 'a {
     let mut req = req;
     // Answered here, before the call's future is built: it then carries one byte for it.
     let (client_timeout, rejected) = match grpc::check_request_headers(req.headers_mut()) {
@@ -156,7 +240,7 @@ fn forward<'a>(
     };
     async move {
         if let Some(code) = rejected {
-            return (None, code);
+            return Ended::at_proxy(None, code);
         }
         let cluster = &route.cluster;
         let Some(_admitted) = cluster.admit() else {
@@ -169,7 +253,7 @@ fn forward<'a>(
                 ),
             );
             reply(respond, &status);
-            return (None, status.code);
+            return Ended::at_proxy(None, status.code);
         };
         let deadline = budget.map(|b| start + b);
         let deadline_sleep = pin!(tokio::time::sleep_until(
@@ -186,31 +270,42 @@ fn forward<'a>(
             req_done: down_body.ended_with_head(),
             down_body,
             req_pump: Pump::new(None),
+            refusals: 0,
+            response_bytes: 0,
         };
-        // `_in_flight` and `_lease` are dropped when the call returns, after the stream handles.
-        let Sent {
-            idx,
-            in_flight: _in_flight,
-            lease: _lease,
-            up_send,
-            response,
-        } = match send_call(&mut call, Request::from_parts(head, ())).await {
-            Ok(sent) => sent,
-            Err(end) => return end,
+        let (endpoint, code) = 'call: {
+            // `_in_flight` and `_lease` are dropped when the call ends, after the stream handles.
+            let Sent {
+                idx,
+                in_flight: _in_flight,
+                lease: _lease,
+                up_send,
+                response,
+            } = match send_call(&mut call, Request::from_parts(head, ())).await {
+                Ok(sent) => sent,
+                Err(end) => break 'call end,
+            };
+            let endpoint = &cluster.endpoints[idx];
+            if cluster.tracks_latency && matches!(response, Some(Ok(_))) {
+                // From the request's arrival to the response headers: a long stream does not read
+                // as a slow backend.
+                let now = Instant::now();
+                endpoint.latency.observe(now - start, now);
+            }
+            let (down_send, up_body) = match forward_response_head(&mut call, endpoint, response) {
+                Ok(streams) => streams,
+                Err(code) => break 'call (Some(idx), code),
+            };
+            let code = stream_response(&mut call, endpoint, up_send, down_send, up_body).await;
+            (Some(idx), code)
         };
-        let endpoint = &cluster.endpoints[idx];
-        if cluster.tracks_latency && matches!(response, Some(Ok(_))) {
-            // From the request's arrival to the response headers: a long stream does not read as
-            // a slow backend.
-            let now = Instant::now();
-            endpoint.latency.observe(now - start, now);
+        Ended {
+            endpoint,
+            code,
+            request_bytes: call.req_pump.moved(),
+            response_bytes: call.response_bytes,
+            retries: call.refusals,
         }
-        let (down_send, up_body) = match forward_response_head(&mut call, endpoint, response) {
-            Ok(streams) => streams,
-            Err(code) => return (Some(idx), code),
-        };
-        let code = stream_response(&mut call, endpoint, up_send, down_send, up_body).await;
-        (Some(idx), code)
     }
 }
 
@@ -228,6 +323,10 @@ struct Call<'a> {
     req_pump: Pump<'a>,
     /// Whether the request body pump has finished (or failed on the upstream's side).
     req_done: bool,
+    /// Times the call was sent again after a refusal.
+    refusals: u8,
+    /// DATA payload bytes forwarded to the client.
+    response_bytes: u64,
 }
 
 impl Call<'_> {
@@ -273,7 +372,6 @@ fn send_call<'c, 'a>(
     async move {
         // The request body read so far, for sending the call again if the upstream refuses it.
         let mut replay = Replay::default();
-        let mut refusals = 0;
         // Sends that failed before anything was sent: the pooled connection had gone away.
         let mut unsent = 0;
         // `head` is the request head to send next: the client's, then, for each resend, the one h2
@@ -323,7 +421,7 @@ fn send_call<'c, 'a>(
                     return Err((Some(idx), status.code));
                 }
             };
-            if !headers_end_stream && refusals > 0 {
+            if !headers_end_stream && call.refusals > 0 {
                 // A failure shows again as the response's error.
                 let _ = replay.send(&mut up_send, call.req_done);
             }
@@ -357,7 +455,9 @@ fn send_call<'c, 'a>(
             }
             // The head h2 kept of a refused call, if it may be sent again.
             let Some((returned, goaway)) = (match &response {
-                Some(Err(e)) if refused(e) && refusals < MAX_REFUSALS && replay.is_complete() => {
+                Some(Err(e))
+                    if refused(e) && call.refusals < MAX_REFUSALS && replay.is_complete() =>
+                {
                     resp_fut
                         .take_request_head()
                         .map(|head| (head, e.is_go_away()))
@@ -385,12 +485,12 @@ fn send_call<'c, 'a>(
             if goaway {
                 lease.discard();
             }
-            refusals += 1;
+            call.refusals += 1;
             // The frame in flight is in the replay and goes again whole: its credit is due now.
             if let Some(credit) = call.req_pump.take_pending() {
                 let _ = call.down_body.flow_control().release_capacity(credit);
             }
-            call.req_pump = Pump::new(None);
+            call.req_pump.restart();
             call.req_done = call.down_body.is_end_stream();
         }
     }
@@ -494,7 +594,7 @@ fn stream_response<'c, 'a>(
     async move {
         let end = {
             let mut resp_pump = Pump::new(Some(endpoint));
-            loop {
+            let end = loop {
                 tokio::select! {
                     biased;
                     _ = &mut call.deadline_sleep, if call.deadline.is_some() => break End::Deadline,
@@ -506,7 +606,9 @@ fn stream_response<'c, 'a>(
                         }
                     }
                 }
-            }
+            };
+            call.response_bytes = resp_pump.moved();
+            end
         };
         match end {
             // The pump filled in INTERNAL if the upstream sent no grpc-status.
@@ -644,7 +746,7 @@ fn upstream_uri(uri: Uri, endpoint: &Endpoint) -> Uri {
 }
 
 /// Most times one call is sent again after its upstream refused it unprocessed.
-const MAX_REFUSALS: u32 = 2;
+const MAX_REFUSALS: u8 = 2;
 
 /// How many connections opened for a call may turn out unusable (going away, failed) before
 /// anything of the call was sent on them, before the call fails. Pooled connections found so do
@@ -676,7 +778,7 @@ fn upstream_request(
 
 #[cfg(test)]
 mod tests {
-    fn future_size<A, B, C, D, Fut>(_: impl FnOnce(A, B, C, D) -> Fut) -> usize {
+    fn future_size<A, B, C, D, E, Fut>(_: impl FnOnce(A, B, C, D, E) -> Fut) -> usize {
         std::mem::size_of::<Fut>()
     }
 
@@ -684,8 +786,9 @@ mod tests {
     /// connect path, which is large, is boxed).
     #[test]
     fn serve_stream_future_stays_small() {
-        let size =
-            future_size(|a, b, c, d: Option<&http::HeaderValue>| super::serve_stream(a, b, c, d));
+        let size = future_size(|a, b, c, d: Option<&http::HeaderValue>, e| {
+            super::serve_stream(a, b, c, d, e)
+        });
         println!("serve_stream future: {size} bytes");
         // 1280 bytes before refused calls were sent again (from 2464 as async fns holding their
         // arguments twice); 1568 with the request head and body kept for that (debug build); in a

@@ -40,6 +40,8 @@ pub(super) struct Pump<'a> {
     /// For a response: the upstream, named in the INTERNAL status sent if it ends without grpc-status
     /// (built only then). None for a request, which just ends.
     status_from: Option<&'a Endpoint>,
+    /// DATA payload bytes the destination took (for the access log).
+    moved: u64,
 }
 
 impl<'a> Pump<'a> {
@@ -50,12 +52,29 @@ impl<'a> Pump<'a> {
             src_ended: false,
             state: PumpState::Data,
             status_from,
+            moved: 0,
         }
     }
 
-    /// The credit of a frame read from the source and not yet all sent (it is given up: see `Replay`).
+    /// The credit of a frame read from the source and not yet all sent (it is given up: see `Replay`,
+    /// which sends it again whole, so it counts as moved).
     pub(super) fn take_pending(&mut self) -> Option<usize> {
-        self.pending.take().map(|(_, credit)| credit)
+        let credit = self.pending.take().map(|(_, credit)| credit)?;
+        self.moved += credit as u64;
+        Some(credit)
+    }
+
+    /// Starts over on a new destination (a refused call sent again), keeping the count of bytes moved.
+    pub(super) fn restart(&mut self) {
+        *self = Pump {
+            moved: self.moved,
+            ..Pump::new(self.status_from)
+        };
+    }
+
+    /// DATA payload bytes the destination took so far.
+    pub(super) fn moved(&self) -> u64 {
+        self.moved
     }
 
     /// Moves what can move now; ready with the `grpc-status` of the trailers forwarded, if any, when
@@ -148,6 +167,7 @@ impl<'a> Pump<'a> {
             // Connection-level credit must come back even for a stream's last frame.
             let credit = *credit;
             self.pending = None;
+            self.moved += credit as u64;
             let _ = src.flow_control().release_capacity(credit);
             if last {
                 self.state = PumpState::Done;

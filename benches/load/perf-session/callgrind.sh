@@ -5,6 +5,8 @@
 # load generator and echo backends on CPU 0. Warm-up load first, then callgrind_control -z, the measured
 # load (LOAD, SECS; warm-up 0, so every call counted by the generator is in the zeroed window), 1 s for the
 # connections to close, callgrind_control -d. PER=message: atomics per streamed message instead of per call.
+# LISTENER_KEYS: extra keys for the listener (e.g. 'x_forwarded_for = false'); TOML_TOP: extra top-level TOML
+# before it (e.g. '[access_log]' and 'path = "/tmp/al.log"', one per line).
 set -euo pipefail
 BIN=$1 OUT=$2
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
@@ -18,9 +20,12 @@ cat >"$W/gg.toml" <<TOML
 workers = 1
 drain_timeout = "1s"
 
+${TOML_TOP:-}
+
 [[listeners]]
 name = "bench"
 listen = "127.0.0.1:$PORT"
+${LISTENER_KEYS:-}
 
 [[listeners.routes]]
 cluster = "echo"
