@@ -11,7 +11,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 DURATION=${DURATION:-600}
 WARMUP=${WARMUP:-60}
 CONCURRENCY=${CONCURRENCY:-32}
-cargo build --release --bin grpcgate --example soak
+# Two builds: one that also builds the example would give the binary tokio's test-util feature (the
+# example's dev-dependencies are unified with it).
+cargo build --release --bin grpcgate
+cargo build --release --example soak
 target/release/examples/soak --grpcgate target/release/grpcgate --duration "$DURATION" \
     --concurrency "$CONCURRENCY" --out benches/soak
 python3 benches/soak/plot.py benches/soak/soak.csv benches/soak/soak.svg --warmup "$WARMUP"
