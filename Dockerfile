@@ -27,8 +27,9 @@ ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:latest
 # ---- build ----------------------------------------------------------------------------------------
 FROM ${RUST_IMAGE} AS build
 WORKDIR /src
-# protoc is vendored by build.rs (protoc-bin-vendored); jemalloc and ring need make and cc, which the
-# rust image has: no apt packages are needed.
+# protoc is vendored by build.rs (protoc-bin-vendored); jemalloc, ring and aws-lc-sys (the TLS
+# listeners' crypto, built from C with cc: no cmake, Go or clang on x86_64/aarch64 Linux) need make and
+# cc, which the rust image has: no apt packages are needed.
 COPY . .
 # The registry, git checkouts and target/ live in BuildKit cache mounts, so a rebuild after a source
 # change reuses the compiled dependencies. The binaries are copied out of the cache in the same step.
@@ -36,7 +37,8 @@ COPY . .
 # a short load run on loopback, the optimised build): 15-20 % less CPU per proxied call in our
 # benchmark, for about three builds' worth of build time.
 # The release profile keeps line tables (debug = 1, for profiling): 50 MB. The image gets the binary without
-# them (8.6 MB; symbols stay, so backtraces still name functions); --build-arg DEBUG_INFO=1 keeps them.
+# them (13.6 MB with aws-lc-rs, of which aws-lc ~1.7 MB; symbols stay, so backtraces still name functions);
+# --build-arg DEBUG_INFO=1 keeps them.
 ARG PGO=0
 ARG DEBUG_INFO=0
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

@@ -668,3 +668,84 @@ endpoints = [{eps}]
         1.0
     );
 }
+
+/// A rustls client (ring) trusting the test CA, ALPN h2; `resume`: it keeps and offers session
+/// tickets (rustls' in-memory store), else every handshake is a full one.
+fn rustls_connector(pki: &Pki, resume: bool) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pki.ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    if !resume {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// One connection with one unary call through `addr`; the kind of TLS handshake it took. The call
+/// also makes the client read the tickets the server sends after the handshake.
+async fn one_call(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+) -> rustls::HandshakeKind {
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tcp = bounded(TcpStream::connect(addr)).await.unwrap();
+    let tls = bounded(connector.connect(name, tcp)).await.unwrap();
+    let kind = tls.get_ref().1.handshake_kind().unwrap();
+    let (h2, conn) = bounded(h2::client::handshake(tls)).await.unwrap();
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("https://localhost:{}/echo.Echo/Unary", addr.port()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let mut h2 = bounded(h2.ready()).await.unwrap();
+    let (resp, mut send) = h2.send_request(req, false).unwrap();
+    send.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    let resp = bounded(resp).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    while let Some(d) = bounded(body.data()).await {
+        d.unwrap();
+    }
+    drop(h2);
+    conn.abort();
+    kind
+}
+
+/// TLS 1.3 session tickets are stateless: a client comes back after 200 other clients' full
+/// handshakes (400 tickets issued, more than rustls' default 256-entry session cache holds) and
+/// still resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resumes_its_tls_session_after_many_others_connected() {
+    let pki = Pki::new();
+    let b = backends(1).await;
+    let gw = tls_gateway(&pki, &b, false).await;
+    let addr = gw.listener_addr("edge").unwrap();
+    let returning = rustls_connector(&pki, true);
+    let others = rustls_connector(&pki, false);
+    assert_eq!(
+        one_call(&returning, addr).await,
+        rustls::HandshakeKind::Full
+    );
+    for _ in 0..200 {
+        assert_eq!(one_call(&others, addr).await, rustls::HandshakeKind::Full);
+    }
+    assert_eq!(
+        one_call(&returning, addr).await,
+        rustls::HandshakeKind::Resumed
+    );
+}

@@ -19,7 +19,9 @@
 //!   (`ca.crt`, `server.crt`, `server.key`), for a TLS listener under load (the PGO training run).
 //!
 //! With `--tls-ca FILE` every connection is TLS (ALPN h2, server name `localhost`) verified against
-//! that CA instead of h2c.
+//! that CA instead of h2c. Every handshake is a full one unless `--tls-resume` is given: then the
+//! generator keeps rustls' in-memory session cache (shared by all its connections, like one client
+//! process) and offers TLS 1.3 tickets it was given. The JSON counts full and resumed handshakes.
 //!
 //! With `--proxy-pid` (repeatable; each pid's descendants are included, e.g. NGINX workers) the run also
 //! reports the proxy's CPU seconds (utime+stime from /proc/<pid>/stat, sampled at the start and the end of
@@ -155,6 +157,10 @@ struct Args {
     /// Connect with TLS, trusting this CA certificate (PEM); the server must present `localhost`.
     #[arg(long)]
     tls_ca: Option<String>,
+    /// With --tls-ca: resume TLS sessions (tickets from the server, one in-memory cache for the whole
+    /// generator). Without it every TLS connection is a full handshake.
+    #[arg(long)]
+    tls_resume: bool,
     /// cert: the directory to write `ca.crt`, `server.crt` and `server.key` into.
     #[arg(long)]
     cert_dir: Option<String>,
@@ -163,7 +169,7 @@ struct Args {
 fn main() {
     let args = Args::parse();
     if let Some(ca) = &args.tls_ca {
-        match tls_connector(ca) {
+        match tls_connector(ca, args.tls_resume) {
             Ok(c) => {
                 let _ = TLS.set(c);
             }
@@ -352,8 +358,17 @@ async fn call(
 /// The TLS client config when `--tls-ca` is given (set once in `main`).
 static TLS: OnceLock<tokio_rustls::TlsConnector> = OnceLock::new();
 
-/// A TLS connector that offers ALPN h2 and trusts only the CA in `ca_file`.
-fn tls_connector(ca_file: &str) -> anyhow::Result<tokio_rustls::TlsConnector> {
+/// TLS handshakes completed by this process: full, resumed (whole run, warm-up included).
+static HANDSHAKES: [std::sync::atomic::AtomicU64; 2] = [
+    std::sync::atomic::AtomicU64::new(0),
+    std::sync::atomic::AtomicU64::new(0),
+];
+/// What the first TLS handshake negotiated: version, cipher suite, key-exchange group.
+static TLS_PARAMS: OnceLock<String> = OnceLock::new();
+
+/// A TLS connector that offers ALPN h2 and trusts only the CA in `ca_file`; with `resume`, it keeps
+/// and offers session tickets.
+fn tls_connector(ca_file: &str, resume: bool) -> anyhow::Result<tokio_rustls::TlsConnector> {
     let pem = std::fs::read(ca_file).context("read")?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut &pem[..]) {
@@ -365,6 +380,9 @@ fn tls_connector(ca_file: &str) -> anyhow::Result<tokio_rustls::TlsConnector> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
+    if !resume {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
     Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
@@ -406,6 +424,17 @@ async fn connect(
                 .connect(name, tcp)
                 .await
                 .map_err(|e| format!("TLS {addr}: {e}"))?;
+            let tls = io.get_ref().1;
+            let resumed = tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+            HANDSHAKES[resumed as usize].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            TLS_PARAMS.get_or_init(|| {
+                format!(
+                    "{:?} {:?} {:?}",
+                    tls.protocol_version(),
+                    tls.negotiated_cipher_suite().map(|s| s.suite()),
+                    tls.negotiated_key_exchange_group().map(|g| g.name())
+                )
+            });
             h2_handshake(io, addr).await
         }
     }
@@ -843,6 +872,14 @@ fn run_load(args: &Args) -> anyhow::Result<Value> {
     }
     let (proxy, interference) = sampler.join().map_err(|_| anyhow!("sampler panicked"))?;
     let mut v = result_json(args, &plan, server_max, &stats, proxy);
+    if args.tls_ca.is_some() {
+        v["tls"] = json!({
+            "full_handshakes": HANDSHAKES[0].load(std::sync::atomic::Ordering::Relaxed),
+            "resumed_handshakes": HANDSHAKES[1].load(std::sync::atomic::Ordering::Relaxed),
+            "negotiated": TLS_PARAMS.get(),
+            "resume_offered": args.tls_resume,
+        });
+    }
     let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
     v["interference"] = json!({
         "other_processes": r3(interference.other_processes),
@@ -1278,7 +1315,15 @@ fn run_idle(args: &Args) -> anyhow::Result<Value> {
 
 /// Every system a run may have, in table order. `tcp-relay` (HAProxy in TCP mode, run.sh) is not a gRPC load
 /// balancer and never a peer: it is the floor, what the extra hop costs a proxy that parses nothing.
-const SYSTEMS: [&str; 5] = ["direct", "grpcgate", "nginx", "haproxy", "tcp-relay"];
+/// "grpcgate-base": another grpcgate build measured in the same run (run.sh `GRPCGATE_BASE`).
+const SYSTEMS: [&str; 6] = [
+    "direct",
+    "grpcgate",
+    "grpcgate-base",
+    "nginx",
+    "haproxy",
+    "tcp-relay",
+];
 const PEERS: [&str; 2] = ["nginx", "haproxy"];
 
 fn num(v: &Value, k: &str) -> Option<f64> {
@@ -1494,6 +1539,25 @@ fn report(args: &Args) -> anyhow::Result<()> {
                     fmt_num(num(r, "cpu_s_per_1k_req"), 4),
                 ));
             }
+        }
+        // TLS scenarios: what was negotiated, and whether the handshakes were full or resumed.
+        let tls: Vec<String> = SYSTEMS
+            .iter()
+            .filter_map(|sys| {
+                let t = find(scenario, sys)?.get("tls")?;
+                Some(format!(
+                    "{sys} {} full / {} resumed ({})",
+                    fmt_num(num(t, "full_handshakes"), 0),
+                    fmt_num(num(t, "resumed_handshakes"), 0),
+                    t.get("negotiated").and_then(Value::as_str).unwrap_or("?")
+                ))
+            })
+            .collect();
+        if !tls.is_empty() {
+            md.push_str(&format!(
+                "\nTLS handshakes of the load generator (whole run with warm-up; first round): {}.\n",
+                tls.join("; ")
+            ));
         }
         md.push('\n');
     }
@@ -1728,7 +1792,14 @@ fn describe(r: &Value) -> String {
             .map(|v| v.to_string())
             .unwrap_or_else(|| "?".into())
     };
-    match kind {
+    let tls = match r.get("tls") {
+        Some(t) if t["resume_offered"] == json!(true) => {
+            " Over TLS (ALPN h2); the client resumes sessions when the server gave it a ticket."
+        }
+        Some(_) => " Over TLS (ALPN h2); every handshake a full one (the client does not resume).",
+        None => "",
+    };
+    let text = match kind {
         "unary-closed" | "streams10k" => format!(
             "Unary, closed loop: {} connections × {} streams, {}-byte payload, {} s.",
             g("connections"), g("streams_per_conn"), g("payload"), g("duration_s")
@@ -1750,5 +1821,6 @@ fn describe(r: &Value) -> String {
             r.get("requested").map(|v| v.to_string()).unwrap_or_else(|| "1000".into())
         ),
         _ => String::new(),
-    }
+    };
+    text + tls
 }

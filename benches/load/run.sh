@@ -9,6 +9,9 @@
 #   DURATION=2 bash benches/load/run.sh      # quicker
 #   ROUNDS=3 bash benches/load/run.sh        # every cell the median of 3 interleaved runs (steadier)
 #   SYSTEMS="direct grpcgate" SCENARIOS="unary-closed unary-1x1" bash benches/load/run.sh
+#   SCENARIOS="tls-unary tls-conns tls-resumed" SYSTEMS="grpcgate nginx haproxy" bash benches/load/run.sh
+#                                            # the TLS edge: each proxy terminates TLS (same ECDSA P-256
+#                                            # certificate), h2c to the backends
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
@@ -19,10 +22,10 @@ WARMUP=${WARMUP:-1}                # warm-up seconds before each measured window
 PROXY_CPU=${PROXY_CPU:-1}          # the proxy under test runs here (taskset -c)
 LOAD_CPU=${LOAD_CPU:-0}            # load generator and echo backends run here
 BASE_PORT=${BASE_PORT:-19000}      # backends on BASE+51.., grpcgate BASE+100, nginx BASE+200, haproxy BASE+300,
-                                   # tcp-relay BASE+400
+                                   # tcp-relay BASE+400; TLS listeners at +10 (grpcgate BASE+110, ...)
 BACKENDS=${BACKENDS:-2}            # echo backends behind every proxy (and spread over by "direct")
 SYSTEMS=${SYSTEMS:-"direct grpcgate nginx haproxy tcp-relay"}
-SCENARIOS=${SCENARIOS:-"unary-closed unary-1x1 unary-open stream conns streams10k idle"}
+SCENARIOS=${SCENARIOS:-"unary-closed unary-1x1 unary-open stream conns streams10k idle tls-unary tls-conns tls-resumed"}
 PAYLOAD=${PAYLOAD:-64}             # unary payload bytes
 UNARY_C=${UNARY_C:-4}              # unary-closed: connections x streams per connection
 UNARY_S=${UNARY_S:-32}
@@ -37,12 +40,19 @@ REQS_PER_CONN=${REQS_PER_CONN:-5}
 S10K_C=${S10K_C:-10}               # streams10k: connections x streams
 S10K_S=${S10K_S:-1000}
 IDLE_CONNS=${IDLE_CONNS:-1000}     # idle: connections held open to measure RSS per connection
+TLS_CONNS=${TLS_CONNS:-100}        # tls-conns: concurrent clients, each: TLS connect, one call, close, repeat
+                                   # (tls-unary is unary-closed's UNARY_C x UNARY_S over TLS)
+TLS_RESUME_CONNS=${TLS_RESUME_CONNS:-4}  # tls-resumed: the same with resumption, fewer clients: they share one
+                                   # session cache, and with 100 connecting at once most find no ticket
+                                   # (13-35 % resumed); with 4, nearly every handshake resumes
 MAX_STREAMS=${MAX_STREAMS:-1000}   # SETTINGS_MAX_CONCURRENT_STREAMS every proxy advertises to clients
 RETRIES=${RETRIES:-2}               # re-runs of a run disturbed by other processes on our cores
 ROUNDS=${ROUNDS:-1}                # >1: every scenario runs this many times per system, the systems
                                    # interleaved; each reported number is the median over the rounds
 MAX_OTHER=${MAX_OTHER:-0.05}       # "disturbed": other processes (or steal) took more CPU-s/s than this
-PERF=${PERF:-0}                    # 1: afterwards, perf record -g grpcgate under unary-closed
+PERF=${PERF:-0}                    # 1: afterwards, perf record -g grpcgate under PERF_SCENARIO
+PERF_SCENARIO=${PERF_SCENARIO:-unary-closed}  # -> perf-grpcgate.txt (unary-closed) or
+                                   # perf-grpcgate-<scenario>.txt, and the flame graph likewise
 BUILD=${BUILD:-1}                  # 0: use the binaries already in target/release (and target/pgo)
 PGO=${PGO:-1}                      # 1: benchmark the profile-guided build of grpcgate (benches/load/pgo.sh,
                                    # the recommended release build); 0: the plain `cargo build --release`
@@ -52,11 +62,16 @@ OUT_DIR=${OUT_DIR:-$ROOT/benches/load}
 NGINX=${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}
 HAPROXY=${HAPROXY:-$(command -v haproxy || echo /usr/sbin/haproxy)}
 
-if [[ $PGO == 1 ]]; then
+if [[ -n ${GRPCGATE:-} ]]; then
+  :                                # GRPCGATE=path: measure that grpcgate binary (e.g. an older build)
+elif [[ $PGO == 1 ]]; then
   GRPCGATE=$ROOT/target/pgo/$(rustc -vV | sed -n 's/^host: //p')/release/grpcgate
 else
   GRPCGATE=$ROOT/target/release/grpcgate
 fi
+# GRPCGATE_BASE=path adds the system "grpcgate-base": that binary with grpcgate's config, e.g. the build
+# before a change, measured in the same run (SYSTEMS="grpcgate grpcgate-base ...").
+GRPCGATE_BASE=${GRPCGATE_BASE:-}
 LOADGEN=$ROOT/target/release/examples/loadgen
 ECHO_SERVER=$ROOT/target/release/examples/echo-server
 
@@ -136,6 +151,10 @@ try_install() {
 }
 
 want() { [[ " $SYSTEMS " == *" $1 "* ]]; }
+if want grpcgate-base && [[ ! -x $GRPCGATE_BASE ]]; then
+  note "grpcgate-base skipped: GRPCGATE_BASE is not an executable"
+  SYSTEMS=${SYSTEMS//grpcgate-base/}
+fi
 if want nginx; then
   [[ -x $NGINX ]] || { try_install nginx; NGINX=$(command -v nginx || echo /usr/sbin/nginx); }
   if [[ ! -x $NGINX ]]; then
@@ -166,6 +185,16 @@ GG_PORT=$((BASE_PORT + 100))
 NGINX_PORT=$((BASE_PORT + 200))
 HAPROXY_PORT=$((BASE_PORT + 300))
 TCP_RELAY_PORT=$((BASE_PORT + 400))
+# The TLS edge (scenarios tls-*): every proxy also terminates TLS on its port + 10, with the same
+# certificate (ECDSA P-256, made by `loadgen cert`), ALPN h2, h2c to the backends.
+TLS_WANTED=0
+[[ " $SCENARIOS " == *" tls-"* ]] && TLS_WANTED=1
+TLS_DIR=$WORK/tls
+if [[ $TLS_WANTED == 1 ]]; then
+  "$LOADGEN" cert --cert-dir "$TLS_DIR"
+  # HAProxy wants the certificate and its key in one file.
+  cat "$TLS_DIR/server.crt" "$TLS_DIR/server.key" >"$TLS_DIR/haproxy.pem"
+fi
 
 {
   echo 'drain_timeout = "1s"'
@@ -179,6 +208,20 @@ TCP_RELAY_PORT=$((BASE_PORT + 400))
   echo '[[listeners.routes]]'
   echo 'cluster = "echo"'
   echo
+  if [[ $TLS_WANTED == 1 ]]; then
+    echo '[[listeners]]'
+    echo 'name = "bench-tls"'
+    echo "listen = \"127.0.0.1:$((GG_PORT + 10))\""
+    echo "max_concurrent_streams = $MAX_STREAMS"
+    echo
+    echo '[listeners.tls]'
+    echo "cert = \"$TLS_DIR/server.crt\""
+    echo "key = \"$TLS_DIR/server.key\""
+    echo
+    echo '[[listeners.routes]]'
+    echo 'cluster = "echo"'
+    echo
+  fi
   echo '[[clusters]]'
   echo 'name = "echo"'
   echo 'balancer = "round_robin"'
@@ -227,8 +270,24 @@ EOF
             grpc_send_timeout 600s;
         }
     }
-}
 EOF
+  # TLS: NGINX 1.22's default ssl_protocols stop at TLSv1.2 (1.3 joined the default in 1.23.4); the
+  # other two negotiate 1.3, so NGINX gets it too. Its other defaults stay (session tickets on, no
+  # shared session cache).
+  [[ $TLS_WANTED == 1 ]] && cat <<EOF
+    server {
+        listen 127.0.0.1:$((NGINX_PORT + 10)) ssl http2 backlog=4096;
+        ssl_certificate $TLS_DIR/server.crt;
+        ssl_certificate_key $TLS_DIR/server.key;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {
+            grpc_pass grpc://echo;
+            grpc_read_timeout 600s;
+            grpc_send_timeout 600s;
+        }
+    }
+EOF
+  echo "}"
 } >"$WORK/nginx/nginx.conf"
 
 HAPROXY_MAXCONN=$(( ($(ulimit -n) - 200) / 2 ))
@@ -251,6 +310,7 @@ defaults
 frontend fe
     bind 127.0.0.1:$HAPROXY_PORT proto h2 backlog 4096
     default_backend be
+$([[ $TLS_WANTED == 1 ]] && printf 'frontend fe_tls\n    bind 127.0.0.1:%s ssl crt %s alpn h2 backlog 4096\n    default_backend be\n' "$((HAPROXY_PORT + 10))" "$TLS_DIR/haproxy.pem")
 
 backend be
     balance roundrobin
@@ -304,14 +364,19 @@ ECHO_PID=$!
 for _ in $(seq 100); do grep -q READY "$WORK/echo.log" 2>/dev/null && break; sleep 0.1; done
 grep -q READY "$WORK/echo.log" || { cat "$WORK/echo.log" >&2; log "echo backends did not start"; exit 1; }
 
-# Starts the proxy of a system pinned to PROXY_CPU; sets PROXY_PID and TARGET.
+# Starts the proxy of a system pinned to PROXY_CPU; sets PROXY_PID and TARGET (its TLS listener for a
+# tls-* scenario).
 start_proxy() {
-  local system=$1 port
+  local system=$1 scenario=${2:-} port
   case $system in
     direct) PROXY_PID=""; TARGET=$BACKEND_LIST; return 0 ;;
     grpcgate)
       port=$GG_PORT
       taskset -c "$PROXY_CPU" "$GRPCGATE" --config "$WORK/grpcgate.toml" >>"$WORK/grpcgate.log" 2>&1 &
+      ;;
+    grpcgate-base)
+      port=$GG_PORT
+      taskset -c "$PROXY_CPU" "$GRPCGATE_BASE" --config "$WORK/grpcgate.toml" >>"$WORK/grpcgate-base.log" 2>&1 &
       ;;
     nginx)
       port=$NGINX_PORT
@@ -327,6 +392,7 @@ start_proxy() {
       ;;
   esac
   PROXY_PID=$!
+  [[ $scenario == tls-* ]] && port=$((port + 10))
   TARGET=127.0.0.1:$port
   if ! wait_port "$port" "$PROXY_PID"; then
     log "$system did not start; its log:"
@@ -352,6 +418,9 @@ scenario_args() {
     conns) echo "conns -c $CONNS --requests-per-conn $REQS_PER_CONN --payload $PAYLOAD" ;;
     streams10k) echo "streams10k -c $S10K_C -s $S10K_S --payload $PAYLOAD" ;;
     idle) echo "idle -c $IDLE_CONNS --payload $PAYLOAD" ;;
+    tls-unary) echo "unary-closed -c $UNARY_C -s $UNARY_S --payload $PAYLOAD --tls-ca $TLS_DIR/ca.crt" ;;
+    tls-conns) echo "conns -c $TLS_CONNS --requests-per-conn 1 --payload $PAYLOAD --tls-ca $TLS_DIR/ca.crt" ;;
+    tls-resumed) echo "conns -c $TLS_RESUME_CONNS --requests-per-conn 1 --payload $PAYLOAD --tls-ca $TLS_DIR/ca.crt --tls-resume" ;;
     *) return 1 ;;
   esac
 }
@@ -361,6 +430,8 @@ scenario_args() {
 takes_part() {
   local system=$1 scenario=$2
   [[ $scenario == idle && $system == direct ]] && return 1
+  # The backends speak h2c only; a byte relay terminates no TLS.
+  [[ $scenario == tls-* && ( $system == direct || $system == tcp-relay ) ]] && return 1
   [[ $system == tcp-relay && $scenario != unary-1x1 && $scenario != stream ]] && return 1
   return 0
 }
@@ -371,7 +442,7 @@ run_one() {
   local system=$1 scenario=$2 args out best="" best_other=999 other attempt
   args=$(scenario_args "$scenario") || { note "unknown scenario $scenario"; return 0; }
   for attempt in $(seq 0 "$RETRIES"); do
-    start_proxy "$system" || { note "$system failed to start for $scenario"; return 0; }
+    start_proxy "$system" "$scenario" || { note "$system failed to start for $scenario"; return 0; }
     local pidarg=()
     [[ -n $PROXY_PID ]] && pidarg=(--proxy-pid "$PROXY_PID")
     # shellcheck disable=SC2086
@@ -416,28 +487,30 @@ for scenario in $SCENARIOS; do
 done
 
 # ---------------------------------------------------------------------------------------------------
-# Optional profile of grpcgate under unary-closed (not part of the measured runs).
+# Optional profile of grpcgate under PERF_SCENARIO (not part of the measured runs).
+PERF_SUFFIX=""
+[[ $PERF_SCENARIO != unary-closed ]] && PERF_SUFFIX="-$PERF_SCENARIO"
 if [[ $PERF == 1 ]] && want grpcgate; then
-  if command -v perf >/dev/null && start_proxy grpcgate; then
-    log "perf: recording grpcgate under unary-closed"
+  if command -v perf >/dev/null && start_proxy grpcgate "$PERF_SCENARIO"; then
+    log "perf: recording grpcgate under $PERF_SCENARIO"
     # DWARF unwinding: Rust release builds have no frame pointers, so plain -g gives one-frame stacks.
     perf record --call-graph dwarf,16384 -F 499 -o "$WORK/perf.data" -p "$PROXY_PID" -- sleep "$((DURATION + 1))" >/dev/null 2>&1 &
     perf_pid=$!
     # shellcheck disable=SC2046
-    taskset -c "$LOAD_CPU" "$LOADGEN" $(scenario_args unary-closed) --label grpcgate -t "$TARGET" \
+    taskset -c "$LOAD_CPU" "$LOADGEN" $(scenario_args "$PERF_SCENARIO") --label grpcgate -t "$TARGET" \
       -d "$DURATION" --warmup 1 >/dev/null 2>>"$WORK/loadgen.log" || true
     wait "$perf_pid" || true
     stop_proxy
     {
-      echo "# grpcgate under unary-closed ($UNARY_C x $UNARY_S), perf record --call-graph dwarf -F 499"
+      echo "# grpcgate under $PERF_SCENARIO ($(scenario_args "$PERF_SCENARIO" | sed "s|$WORK/||")), perf record --call-graph dwarf -F 499"
       echo "# 1) self time per symbol"
       perf report -i "$WORK/perf.data" --stdio --no-children -g none --percent-limit 0.4 2>/dev/null | grep -v '^$' | head -80
       echo
       echo "# 2) inclusive time (self + callees) of grpcgate's and h2's own functions"
       perf report -i "$WORK/perf.data" --stdio --children -g none --percent-limit 1 2>/dev/null \
-        | grep -E '\] (<?grpcgate::|<?h2::|<?hyper::|<?http::|<?prometheus|<?tracing|<?tokio::(net|io|time)|<?bytes::)' | head -70
-    } >"$OUT_DIR/perf-grpcgate.txt" || true
-    log "perf report: $OUT_DIR/perf-grpcgate.txt"
+        | grep -E '\] (<?grpcgate::|<?h2::|<?rustls::|<?tokio_rustls::|<?hyper::|<?http::|<?prometheus|<?tracing|<?tokio::(net|io|time)|<?bytes::)' | head -70
+    } >"$OUT_DIR/perf-grpcgate$PERF_SUFFIX.txt" || true
+    log "perf report: $OUT_DIR/perf-grpcgate$PERF_SUFFIX.txt"
     # Flame graph (inferno, from crates.io, installed on first use like NGINX and HAProxy are).
     if ! command -v inferno-flamegraph >/dev/null; then
       log "installing inferno (cargo install inferno) for the flame graph"
@@ -446,8 +519,8 @@ if [[ $PERF == 1 ]] && want grpcgate; then
     fi
     if command -v inferno-flamegraph >/dev/null && command -v inferno-collapse-perf >/dev/null; then
       perf script -i "$WORK/perf.data" 2>/dev/null | inferno-collapse-perf 2>/dev/null \
-        | inferno-flamegraph --minwidth 0.5 --title "grpcgate, unary-closed $UNARY_C x $UNARY_S" \
-          >"$OUT_DIR/flamegraph-grpcgate.svg" 2>/dev/null && log "flame graph: $OUT_DIR/flamegraph-grpcgate.svg"
+        | inferno-flamegraph --minwidth 0.5 --title "grpcgate, $PERF_SCENARIO" \
+          >"$OUT_DIR/flamegraph-grpcgate$PERF_SUFFIX.svg" 2>/dev/null && log "flame graph: $OUT_DIR/flamegraph-grpcgate$PERF_SUFFIX.svg"
     else
       note "flame graph skipped: inferno not available"
     fi
@@ -467,6 +540,7 @@ meta=(
   "pinning=proxy on CPU $PROXY_CPU; load generator and $BACKENDS echo backends on CPU $LOAD_CPU (taskset)"
   "proxies=grpcgate $(git rev-parse --short HEAD 2>/dev/null || echo ?)$(git diff --quiet HEAD -- src 2>/dev/null || echo '+dirty')$([[ $PGO == 1 ]] && echo ', profile-guided build (benches/load/pgo.sh)' || echo ', plain release build') (workers = 0: one worker thread on its one CPU, round_robin); $("$NGINX" -v 2>&1 | sed 's/nginx version: //') (worker_processes 1, grpc_pass, upstream keepalive 1024); $("$HAPROXY" -v 2>/dev/null | head -1 | awk '{print "HAProxy " $3}') (nbthread 1, proto h2 both sides, http-reuse always); tcp-relay: the same HAProxy in mode tcp (nbthread 1), unary-1x1 and stream only"
   "max_concurrent_streams=$MAX_STREAMS advertised by every proxy"
+  "grpcgate_base=${GRPCGATE_BASE:-none} (system grpcgate-base: same config, port and pinning as grpcgate)"
   "load_average=$LOAD_AT_START at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end"
 )
 [[ -n $RATE ]] && meta+=("unary_open_rate=$RATE req/s")
