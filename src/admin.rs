@@ -228,17 +228,22 @@ fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 /// `GET /clusters`: every cluster, its balancer, where its endpoints come from, and each endpoint's
 /// state as the balancer sees it now. `healthy` means "may receive calls" (healthy and not ejected),
 /// as the `grpcgate_endpoint_healthy` gauge does; `weight` is the weight in use (below the configured
-/// one while the endpoint is in slow start).
+/// one while the endpoint is in slow start); `computed_share`, for `weighted_round_robin`, is the
+/// share of calls the schedule built from the load reports gives the endpoint (null for the others).
 fn clusters_json(shared: &Shared) -> String {
     let clusters: Vec<serde_json::Value> = shared
         .clusters()
         .iter()
         .map(|c| {
+            let shares = c.computed_shares();
             let endpoints: Vec<serde_json::Value> = c
                 .endpoints
                 .iter()
-                .map(|e| {
+                .enumerate()
+                .map(|(i, e)| {
+                    let share = shares.as_ref().and_then(|s| s.get(i)).copied();
                     serde_json::json!({
+                        "computed_share": share,
                         "address": e.address,
                         "healthy": e.is_available(),
                         "ejected": e.is_ejected(),

@@ -85,6 +85,29 @@ async fn weights_follow_the_reported_utilization_past_the_blackout() {
         (busy_share - 1.0 / 7.0).abs() < 0.1 / 7.0 + 0.01,
         "busy share {busy_share}: {counts:?}"
     );
+    // The operator sees the schedule's shares in GET /clusters.
+    let (status, body) = http_get(gw.admin_addr().expect("admin"), "/clusters").await;
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let endpoints = json["clusters"][0]["endpoints"]
+        .as_array()
+        .expect("endpoints");
+    let share_of = |addr: SocketAddr| {
+        endpoints
+            .iter()
+            .find(|e| e["address"] == addr.to_string())
+            .and_then(|e| e["computed_share"].as_f64())
+            .unwrap_or_else(|| panic!("computed_share of {addr}: {body}"))
+    };
+    let busy_computed = share_of(busy.addr);
+    assert!(
+        (busy_computed - 1.0 / 7.0).abs() < 0.1 / 7.0,
+        "computed share {busy_computed}: {body}"
+    );
+    assert!(
+        (share_of(idle_a.addr) - 3.0 / 7.0).abs() < 0.3 / 7.0,
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,6 +52,12 @@ pub trait Balance: Send + Sync {
     fn upcoming(&self) -> Vec<usize> {
         Vec::new()
     }
+
+    /// The relative weights the balancer picks by, when it computes its own
+    /// (`weighted_round_robin`'s, from load reports); None for the others.
+    fn computed_weights(&self) -> Option<Vec<u32>> {
+        None
+    }
 }
 
 /// Which endpoints a pick may return.
@@ -509,6 +515,14 @@ impl Cluster {
     /// The cluster's `max_requests`, if set.
     pub fn max_requests(&self) -> Option<usize> {
         self.requests.as_ref().map(|r| r.max)
+    }
+
+    /// Each endpoint's share of the picks by the weights the balancer computes itself
+    /// (`weighted_round_robin`), in endpoint order; None for balancers that compute none.
+    pub fn computed_shares(&self) -> Option<Vec<f64>> {
+        let weights = self.balancer.computed_weights()?;
+        let sum: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+        (sum > 0.0).then(|| weights.iter().map(|&w| f64::from(w) / sum).collect())
     }
 
     /// Recomputes balancer state derived from reports (`weighted_round_robin`'s schedule).

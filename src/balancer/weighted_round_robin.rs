@@ -223,6 +223,10 @@ impl Balance for WeightedRoundRobin {
         self.schedule.load().upcoming()
     }
 
+    fn computed_weights(&self) -> Option<Vec<u32>> {
+        Some(self.weights.lock().clone())
+    }
+
     fn refresh(&self, endpoints: &[Arc<Endpoint>], now: Instant) {
         let mut weights = schedule_weights(endpoints, &self.config, now);
         // In lowest terms, so that weights in the same ratio (configured 1:1, reported 1000:1000)
