@@ -33,6 +33,12 @@ pub const INTERVAL: Duration = Duration::from_millis(50);
 const WRITE_AT: usize = 64 * 1024;
 /// `:authority` and `:path` bytes a record holds without a second allocation.
 const INLINE: usize = 120;
+/// The most of `:authority` a line carries; longer values are cut (a valid host is at most 253 bytes).
+pub const MAX_AUTHORITY: usize = 256;
+/// The most of `:path` a line carries; longer values are cut. Without the cut a client could make
+/// every queued record hold its whole header block (up to `max_header_list_size`), and a full queue
+/// hold gigabytes; with it a record is at most ~1.5 KiB.
+pub const MAX_PATH: usize = 1024;
 
 pub use crate::config::AccessLogTarget as Target;
 
@@ -96,6 +102,8 @@ impl Record {
         path: &[u8],
     ) -> Box<Record> {
         let a = authority.unwrap_or_default();
+        let a = &a[..a.len().min(MAX_AUTHORITY)];
+        let path = &path[..path.len().min(MAX_PATH)];
         let len = a.len() + path.len();
         let mut r = Box::new(Record {
             names: None,
@@ -502,6 +510,17 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What one client sends cannot make a queued record big: authority and path are cut.
+    #[test]
+    fn long_authority_and_path_are_cut() {
+        let client = "127.0.0.1:1".parse().unwrap();
+        let (a, p) = (vec![b'a'; 4000], vec![b'/'; 16 * 1024]);
+        let r = Record::start(Instant::now(), client, Some(&a), &p);
+        assert_eq!(r.text().len(), MAX_AUTHORITY + MAX_PATH);
+        let r = Record::start(Instant::now(), client, Some(b"h"), b"/s/M");
+        assert_eq!(r.text(), b"h/s/M");
+    }
 
     fn esc(b: &[u8]) -> String {
         let mut out = Vec::new();
