@@ -43,10 +43,10 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     in_flight: Vec<usize>,
     /// Service time of the two fast backends, ms.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 10)]
     fast_ms: u64,
     /// Service time of the slow backend, ms.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 50)]
     slow_ms: u64,
     /// Utilization the slow backend reports (ORCA).
     #[arg(long, default_value_t = 0.9)]
