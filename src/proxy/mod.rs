@@ -360,9 +360,10 @@ struct Sent {
 /// been answered, or is gone).
 ///
 /// Attempts: one, plus one more for each time the upstream refuses the stream without processing it
-/// (a GOAWAY whose last_stream_id is below it, or RST_STREAM(REFUSED_STREAM)), up to MAX_REFUSALS.
-/// Nothing of the call has reached an application then, so sending it again (to whichever endpoint the
-/// balancer picks now) is safe, as gRPC clients' transparent retries are.
+/// (a GOAWAY whose last_stream_id is below it, or RST_STREAM(REFUSED_STREAM)) or the connection fails
+/// before the call's HEADERS were written to it, up to MAX_REFUSALS. Nothing of the call has reached
+/// an application then, so sending it again (to whichever endpoint the balancer picks now) is safe,
+/// as gRPC clients' transparent retries are.
 // Not an `async fn`: that holds `head` twice, and the call's future measured 360 bytes larger.
 #[allow(clippy::manual_async_fn)]
 fn send_call<'c, 'a>(
@@ -453,14 +454,20 @@ fn send_call<'c, 'a>(
                     endpoint.refused.inc();
                 }
             }
-            // The head h2 kept of a refused call, if it may be sent again.
+            // The head h2 kept of a refused call, if it may be sent again; or of a call whose
+            // HEADERS were still queued when the connection failed (the upstream closed it, say,
+            // killed, before this proxy had read the close): nothing of it left the process.
             let Some((returned, goaway)) = (match &response {
-                Some(Err(e))
-                    if refused(e) && call.refusals < MAX_REFUSALS && replay.is_complete() =>
-                {
-                    resp_fut
-                        .take_request_head()
-                        .map(|head| (head, e.is_go_away()))
+                Some(Err(e)) if call.refusals < MAX_REFUSALS && replay.is_complete() => {
+                    if refused(e) {
+                        resp_fut
+                            .take_request_head()
+                            .map(|head| (head, e.is_go_away()))
+                    } else {
+                        resp_fut
+                            .take_unwritten_request_head()
+                            .map(|head| (head, true))
+                    }
                 }
                 _ => None,
             }) else {
@@ -473,7 +480,7 @@ fn send_call<'c, 'a>(
                 });
             };
             if let Some(Err(e)) = &response {
-                tracing::debug!(endpoint = %endpoint.address, error = %e, "upstream refused the stream; sending the call again");
+                tracing::debug!(endpoint = %endpoint.address, error = %e, "upstream refused the stream, or it failed unwritten; sending the call again");
             }
             // Dropped before the await below, so the call's future need not hold a response.
             drop(response);

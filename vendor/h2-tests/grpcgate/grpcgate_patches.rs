@@ -196,6 +196,79 @@ async fn retryable_request_head_comes_back_when_refused() {
     join(srv, client).await;
 }
 
+/// `take_unwritten_request_head` gives back the head of a request whose HEADERS were still queued
+/// when the connection ended without a GOAWAY (the server's process died): nothing of it reached the
+/// peer. A request already written gets `None` from it (it may have been processed), though
+/// `take_request_head` still has its head.
+#[tokio::test]
+async fn unwritten_request_head_comes_back_when_the_connection_ends() {
+    h2_support::trace_init!();
+    let (io, mut srv) = mock::new();
+    let (written_tx, written_rx) = futures::channel::oneshot::channel::<()>();
+    let (queued_tx, queued_rx) = futures::channel::oneshot::channel::<()>();
+    let (closed_tx, closed_rx) = futures::channel::oneshot::channel::<()>();
+
+    let srv = async move {
+        let settings = srv.assert_client_handshake().await;
+        assert_default_settings!(settings);
+        srv.recv_frame(
+            frames::headers(1)
+                .request("GET", "https://a.example/one")
+                .field("x-call", "7")
+                .eos(),
+        )
+        .await;
+        written_tx.send(()).unwrap();
+        queued_rx.await.unwrap();
+        // The connection ends with no GOAWAY, as a killed server's does.
+        drop(srv);
+        closed_tx.send(()).unwrap();
+    };
+
+    let client = async move {
+        let (client, mut h2) = client::handshake(io).await.expect("handshake");
+        let (mut one, _) = client
+            .send_retryable_request(get("https://a.example/one"), true)
+            .map_err(|(e, _)| e)
+            .unwrap();
+        // The connection writes the first request; then it is not polled until the server is gone.
+        h2.drive(written_rx).await.unwrap();
+        let (mut two, _) = client
+            .send_retryable_request(get("https://a.example/two"), true)
+            .map_err(|(e, _)| e)
+            .unwrap();
+        queued_tx.send(()).unwrap();
+        // Polled again only once the server is gone: it reads the end of the connection before it
+        // writes the queued request. (Polled before, it would write the request first: that is
+        // the race a proxy cannot win, and `take_unwritten_request_head` then says `None`.)
+        closed_rx.await.unwrap();
+        let _ = h2.await;
+
+        let e = (&mut two).await.unwrap_err();
+        assert!(e.is_io(), "{:?}", e);
+        let head = two
+            .take_unwritten_request_head()
+            .expect("a request never written");
+        assert_eq!(head.uri(), "https://a.example/two");
+        assert_eq!(head.headers()["x-call"], "7");
+        assert!(two.take_request_head().is_none(), "taken already");
+
+        let e = (&mut one).await.unwrap_err();
+        assert!(e.is_io(), "{:?}", e);
+        assert!(
+            one.take_unwritten_request_head().is_none(),
+            "a written request is not given back as unwritten"
+        );
+        assert_eq!(
+            one.take_request_head().expect("kept head").uri(),
+            "https://a.example/one"
+        );
+        drop(client);
+    };
+
+    join(srv, client).await;
+}
+
 /// `ended_with_head` says whether END_STREAM had arrived with (or before the taking of) a head, on
 /// both sides; `poll_data_end` says whether the stream ended with the data it returns.
 #[tokio::test]

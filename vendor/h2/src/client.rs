@@ -1557,6 +1557,15 @@ impl ResponseFuture {
         self.inner.take_sent_head()
     }
 
+    /// grpcgate patch: [`take_request_head`](Self::take_request_head), but only for a request
+    /// whose HEADERS frame was never written to the connection: it was still queued when the
+    /// connection failed (an I/O error, the peer closing it), so nothing of it left this process
+    /// and it can be sent elsewhere whatever the error was. `None` once the frame went to the
+    /// connection's write buffer, from where it may have reached the peer.
+    pub fn take_unwritten_request_head(&mut self) -> Option<Request<()>> {
+        self.inner.take_unwritten_head()
+    }
+
     /// Returns the stream ID of the response stream.
     ///
     /// # Panics

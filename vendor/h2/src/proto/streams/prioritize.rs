@@ -688,6 +688,7 @@ impl Prioritize {
             if let Frame::Headers(headers) = frame {
                 if headers.is_keep_block() {
                     stream.sent_head = Some(headers.into_header_block());
+                    stream.sent_head_unwritten = true;
                 }
             }
         }

@@ -77,6 +77,10 @@ pub(super) struct Stream {
     /// was sent with `send_retryable_request`, so that a refused request can be sent again.
     pub sent_head: Option<Box<frame::HeaderBlock>>,
 
+    /// grpcgate patch: `sent_head` was never written: the connection failed with the HEADERS
+    /// frame still queued, so nothing of the request left this process.
+    pub sent_head_unwritten: bool,
+
     // ===== Fields related to receiving =====
     /// Next node in the accept linked list
     pub next_pending_accept: Option<store::Key>,
@@ -187,6 +191,7 @@ impl Stream {
             next_open: None,
             is_pending_push: false,
             sent_head: None,
+            sent_head_unwritten: false,
 
             // ===== Fields related to receiving =====
             next_pending_accept: None,

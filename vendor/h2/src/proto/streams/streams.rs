@@ -1555,6 +1555,16 @@ impl OpaqueStreamRef {
         stream.sent_head.take().and_then(|block| block.into_request())
     }
 
+    /// grpcgate patch: `take_sent_head`, only if the head was never written.
+    pub fn take_unwritten_head(&mut self) -> Option<Request<()>> {
+        let mut me = self.inner.lock().unwrap();
+        let mut stream = me.store.resolve(self.key);
+        if !stream.sent_head_unwritten {
+            return None;
+        }
+        stream.sent_head.take().and_then(|block| block.into_request())
+    }
+
     /// Called by a client to check for informational responses (1xx status codes)
     pub fn poll_informational(
         &mut self,
