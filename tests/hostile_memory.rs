@@ -4,6 +4,12 @@
 
 mod common;
 
+// The allocator the grpcgate binary runs with (src/main.rs), so that the memory measured is what the
+// proxy would hold. With glibc malloc the figure was bimodal under CPU contention: 37 MiB in most runs,
+// 60-70 MiB in about one of five, as memory freed on one thread's arena was not reused by another's.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::time::Duration;
 
 use common::hostile::*;
@@ -47,7 +53,11 @@ async fn a_client_that_never_reads_holds_a_bounded_amount_of_memory() {
         let (resp, mut send) = ready
             .send_request(request(addr, "/echo.Echo/ServerStream", &[]), false)
             .expect("send");
-        send.send_data(grpc_frame(&msg), true).expect("body");
+        if send.send_data(grpc_frame(&msg), true).is_err() {
+            // Opened before the client's h2 had read the proxy's SETTINGS (max_concurrent_streams
+            // 100) and refused (REFUSED_STREAM) at once: not one of the held streams.
+            continue;
+        }
         held.push(resp);
         opened += 1;
     }
