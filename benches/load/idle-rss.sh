@@ -33,11 +33,11 @@ taskset -c 0 "$ECHO_SERVER" --ports $((PORT+51)),$((PORT+52)) >"$W/echo.log" 2>&
 ECHO=$!
 trap 'kill $ECHO 2>/dev/null; wait $ECHO 2>/dev/null; rm -rf "$W"' EXIT
 for _ in $(seq 100); do grep -q READY "$W/echo.log" && break; sleep 0.1; done
-for r in $(seq "$ROUNDS"); do
+for _ in $(seq "$ROUNDS"); do
   taskset -c 1 "$BIN" --config "$W/gg.toml" >"$W/gg.log" 2>&1 &
   GG=$!
-  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.05; done
+  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$PORT") 2>/dev/null && break; sleep 0.05; done
   taskset -c 0 "$LOADGEN" idle -c "$IDLE_CONNS" --payload 64 --settle "$SETTLE" --name idle --label "$LABEL" \
-    -t 127.0.0.1:$PORT --proxy-pid $GG
+    -t "127.0.0.1:$PORT" --proxy-pid "$GG"
   kill $GG; wait $GG 2>/dev/null || true
 done

@@ -36,7 +36,7 @@ for _ in $(seq 100); do grep -q READY "$W/echo.log" && break; sleep 0.1; done
 taskset -c 1 "$BIN" --config "$W/gg.toml" >"$W/gg.log" 2>&1 &
 GG=$!
 trap 'kill $GG $ECHO 2>/dev/null; wait $GG $ECHO 2>/dev/null; rm -rf "$W"' EXIT
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.05; done
+for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$PORT") 2>/dev/null && break; sleep 0.05; done
 taskset -c 0 "$LOADGEN" $LOAD -t 127.0.0.1:$PORT -d 2 --warmup 0 >/dev/null
 for r in $(seq "$ROUNDS"); do
   perf stat -x, -e "$EVENTS" -p $GG -o "$W/perf.$r" &
