@@ -13,30 +13,14 @@ ECHO_SERVER=${ECHO_SERVER:-$ROOT/target/release/examples/echo-server}
 ROUNDS=${ROUNDS:-3} IDLE_CONNS=${IDLE_CONNS:-1000} SETTLE=${SETTLE:-1} PORT=${PORT:-19700}
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 W=$(mktemp -d /tmp/idle-rss.XXXXXX)
-cat >"$W/gg.toml" <<TOML
-drain_timeout = "1s"
-
-[[listeners]]
-name = "bench"
-listen = "127.0.0.1:$PORT"
-max_concurrent_streams = 1000
-
-[[listeners.routes]]
-cluster = "echo"
-
-[[clusters]]
-name = "echo"
-balancer = "round_robin"
-endpoints = ["127.0.0.1:$((PORT+51))", "127.0.0.1:$((PORT+52))"]
-TOML
-taskset -c 0 "$ECHO_SERVER" --ports $((PORT+51)),$((PORT+52)) >"$W/echo.log" 2>&1 &
-ECHO=$!
+. "$(dirname "$0")/perf-session/bench-setup.sh"
+LISTENER_KEYS="max_concurrent_streams = 1000" bench_config
+start_echo
 trap 'kill $ECHO 2>/dev/null; wait $ECHO 2>/dev/null; rm -rf "$W"' EXIT
-for _ in $(seq 100); do grep -q READY "$W/echo.log" && break; sleep 0.1; done
 for _ in $(seq "$ROUNDS"); do
   taskset -c 1 "$BIN" --config "$W/gg.toml" >"$W/gg.log" 2>&1 &
   GG=$!
-  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$PORT") 2>/dev/null && break; sleep 0.05; done
+  wait_proxy
   taskset -c 0 "$LOADGEN" idle -c "$IDLE_CONNS" --payload 64 --settle "$SETTLE" --name idle --label "$LABEL" \
     -t "127.0.0.1:$PORT" --proxy-pid "$GG"
   kill $GG; wait $GG 2>/dev/null || true

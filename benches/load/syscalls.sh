@@ -14,29 +14,13 @@ LOAD=${LOAD:-"unary-closed -c 4 -s 32 --payload 64"}
 SECS=${SECS:-5} ROUNDS=${ROUNDS:-3} PORT=${PORT:-19800}
 EVENTS=syscalls:sys_enter_recvfrom,syscalls:sys_enter_writev,syscalls:sys_enter_sendto,syscalls:sys_enter_write,syscalls:sys_enter_epoll_wait
 W=$(mktemp -d /tmp/perf-sc.XXXXXX)
-cat >"$W/gg.toml" <<TOML
-workers = 1
-drain_timeout = "1s"
-
-[[listeners]]
-name = "bench"
-listen = "127.0.0.1:$PORT"
-
-[[listeners.routes]]
-cluster = "echo"
-
-[[clusters]]
-name = "echo"
-balancer = "round_robin"
-endpoints = ["127.0.0.1:$((PORT+51))", "127.0.0.1:$((PORT+52))"]
-TOML
-taskset -c 0 "$ECHO_SERVER" --ports $((PORT+51)),$((PORT+52)) >"$W/echo.log" 2>&1 &
-ECHO=$!
-for _ in $(seq 100); do grep -q READY "$W/echo.log" && break; sleep 0.1; done
+. "$(dirname "$0")/perf-session/bench-setup.sh"
+bench_config
+start_echo
 taskset -c 1 "$BIN" --config "$W/gg.toml" >"$W/gg.log" 2>&1 &
 GG=$!
 trap 'kill $GG $ECHO 2>/dev/null; wait $GG $ECHO 2>/dev/null; rm -rf "$W"' EXIT
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$PORT") 2>/dev/null && break; sleep 0.05; done
+wait_proxy
 taskset -c 0 "$LOADGEN" $LOAD -t 127.0.0.1:$PORT -d 2 --warmup 0 >/dev/null
 for r in $(seq "$ROUNDS"); do
   perf stat -x, -e "$EVENTS" -p $GG -o "$W/perf.$r" &

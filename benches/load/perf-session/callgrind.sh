@@ -16,31 +16,12 @@ LOAD=${LOAD:-"unary-closed -c 4 -s 32 --payload 64"}
 SECS=${SECS:-10}
 PORT=${PORT:-19600}
 W=$(mktemp -d /tmp/perf-cg.XXXXXX)
-cat >"$W/gg.toml" <<TOML
-workers = 1
-drain_timeout = "1s"
-
-${TOML_TOP:-}
-
-[[listeners]]
-name = "bench"
-listen = "127.0.0.1:$PORT"
-${LISTENER_KEYS:-}
-
-[[listeners.routes]]
-cluster = "echo"
-
-[[clusters]]
-name = "echo"
-balancer = "round_robin"
-endpoints = ["127.0.0.1:$((PORT+51))", "127.0.0.1:$((PORT+52))"]
-TOML
-taskset -c 0 "$ECHO_SERVER" --ports $((PORT+51)),$((PORT+52)) >"$W/echo.log" 2>&1 &
-ECHO=$!
-for _ in $(seq 100); do grep -q READY "$W/echo.log" && break; sleep 0.1; done
+. "$(dirname "$0")/bench-setup.sh"
+bench_config
+start_echo
 taskset -c 1 valgrind --tool=callgrind --dump-instr=yes --callgrind-out-file="$OUT.%p" "$BIN" --config "$W/gg.toml" >"$W/gg.log" 2>&1 &
 GG=$!
-for _ in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.2; done
+wait_proxy 300 0.2
 # warm-up: connections up, pools and allocator warm
 taskset -c 0 "$LOADGEN" $LOAD -t 127.0.0.1:$PORT -d 2 --warmup 0 >/dev/null
 sleep 1

@@ -10,26 +10,10 @@ ECHO_SERVER=${ECHO_SERVER:-$ROOT/target/release/examples/echo-server}
 ROUNDS=${ROUNDS:-5} DURATION=${DURATION:-5} WARMUP=${WARMUP:-1} PORT=${PORT:-19700}
 SCEN=${SCEN:-"stream-1k|stream -c 2 -s 4 --count 1000 --payload 1024;stream-64k|stream -c 2 -s 4 --count 100 --payload 65536"}
 W=$(mktemp -d /tmp/perf-wc.XXXXXX)
-cat >"$W/gg.toml" <<TOML
-workers = 1
-drain_timeout = "1s"
-
-[[listeners]]
-name = "bench"
-listen = "127.0.0.1:$PORT"
-
-[[listeners.routes]]
-cluster = "echo"
-
-[[clusters]]
-name = "echo"
-balancer = "round_robin"
-endpoints = ["127.0.0.1:$((PORT+51))", "127.0.0.1:$((PORT+52))"]
-TOML
-taskset -c 0 "$ECHO_SERVER" --ports $((PORT+51)),$((PORT+52)) >"$W/echo.log" 2>&1 &
-ECHO=$!
+. "$(dirname "$0")/bench-setup.sh"
+bench_config
+start_echo
 trap 'kill $ECHO 2>/dev/null; rm -rf "$W"' EXIT
-for _ in $(seq 100); do grep -q READY "$W/echo.log" && break; sleep 0.1; done
 IFS=';' read -ra SCENS <<<"$SCEN"
 for r in $(seq "$ROUNDS"); do
   for sc in "${SCENS[@]}"; do
@@ -43,7 +27,7 @@ for r in $(seq "$ROUNDS"); do
       fi
       taskset -c 1 "$bin" --config "$W/gg.toml" >>"$W/gg.log" 2>&1 &
       GG=$!
-      for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && break; sleep 0.05; done
+      wait_proxy
       taskset -c 0 "$LOADGEN" $args -t 127.0.0.1:$PORT -d "$DURATION" --warmup "$WARMUP" --label "$label" --name "$name" \
         --proxy-pid $GG --load-pid $ECHO | sed "s/^{/{\"round\":$r,/" >>"$OUTF"
       kill $GG; wait $GG 2>/dev/null || true

@@ -1558,9 +1558,10 @@ impl ResponseFuture {
     }
 
     /// grpcgate patch: [`take_request_head`](Self::take_request_head), but only for a request
-    /// whose HEADERS frame was never written to the connection: it was still queued when the
-    /// connection failed (an I/O error, the peer closing it), so nothing of it left this process
-    /// and it can be sent elsewhere whatever the error was. `None` once the frame went to the
+    /// whose HEADERS frame was never written to the connection: it was dropped from the send queue
+    /// unwritten (the connection failed, by an I/O error or the peer closing it, or the stream was
+    /// reset or refused first), so nothing of it left this process and it can be sent elsewhere
+    /// whatever the error was. `None` once the frame went to the
     /// connection's write buffer, from where it may have reached the peer.
     pub fn take_unwritten_request_head(&mut self) -> Option<Request<()>> {
         self.inner.take_unwritten_head()

@@ -77,8 +77,9 @@ pub(super) struct Stream {
     /// was sent with `send_retryable_request`, so that a refused request can be sent again.
     pub sent_head: Option<Box<frame::HeaderBlock>>,
 
-    /// grpcgate patch: `sent_head` was never written: the connection failed with the HEADERS
-    /// frame still queued, so nothing of the request left this process.
+    /// grpcgate patch: `sent_head` was never written: `clear_queue` dropped the HEADERS frame
+    /// from the send queue (the connection failed, or the stream was reset or refused, first), so
+    /// nothing of the request left this process.
     pub sent_head_unwritten: bool,
 
     // ===== Fields related to receiving =====
