@@ -603,19 +603,7 @@ endpoints = [{eps}]
     let gw = start(&text).await;
     let addr = gw.listener_addr("edge").unwrap();
 
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pki.ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = rustls_connector(&pki, true);
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
 
     // v2 TCP4 from 203.0.113.5:40000, then the TLS handshake and HTTP/2 on the same socket.
